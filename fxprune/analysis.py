@@ -1,0 +1,220 @@
+"""Channel-dependency analysis: find every set of coupled channels in a traced model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from networkx.utils import UnionFind
+from tabulate import tabulate
+from torch import nn
+
+from . import rules
+from .labels import NONE, LabelSpace, Member, Producer, compress
+from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
+from .trace import trace
+
+OUTPUT_REASON = "reaches the model output"
+INPUT_REASON = "comes from the model input"
+
+
+@dataclass
+class GroupMember:
+    """Where a group's channels live: ``index[i]`` along ``dim`` of ``name`` is unit ``unit[i]``.
+
+    ``kind`` is "param" (a parameter or buffer, by qualified name) or "tensor" (a node's output).
+    """
+
+    kind: str
+    name: str
+    dim: int
+    index: torch.Tensor
+    unit: torch.Tensor
+
+    def __repr__(self) -> str:
+        return f"{self.kind} {self.name}[dim {self.dim}] ({len(self.index)} entries)"
+
+
+@dataclass
+class ChannelGroup:
+    """A set of coupled channels: removing unit ``u`` removes it from every member at once."""
+
+    name: str
+    size: int
+    members: list[GroupMember]
+    prunable: bool
+    reason: str | None
+    producers: list[str]
+    exact: bool = True
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"not prunable: {self.reason}"
+        return f"ChannelGroup({self.name!r}, size={self.size}, {state})"
+
+
+@dataclass
+class Analysis:
+    """The coupled channel groups of a traced model, and the unit map the rewrites use."""
+
+    gm: torch.fx.GraphModule
+    space: LabelSpace
+    groups: list[ChannelGroup]
+    labels: dict[str, Any]
+    roots: torch.Tensor
+    unit_of: dict[int, tuple[int, int]]
+    layers: list = field(default_factory=list)
+
+    def group(self, name: str) -> ChannelGroup:
+        """The group called ``name``."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        rows = [
+            (g.name, g.size, len(g.producers), len([m for m in g.members if m.kind == "param"]),
+             "yes" if g.prunable else "no", g.reason or "")
+            for g in self.groups
+        ]
+        head = ("group", "channels", "producers", "param members", "prunable", "reason")
+        return tabulate(rows, head, tablefmt="simple", maxcolwidths=[None, None, None, None, None, 70])
+
+
+class _LabelInterpreter(torch.fx.Interpreter):
+    """Runs the graph on label tensors, applying each node's channel rule."""
+
+    def __init__(self, gm: torch.fx.GraphModule, space: LabelSpace):
+        super().__init__(gm, garbage_collect_values=False)
+        self.space = space
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        meta = n.meta.get("tensor_meta")
+        if n.op == "placeholder":
+            return fixed_like(self.space, meta, INPUT_REASON)
+        if n.op == "get_attr":
+            return self._attribute(n)
+        if n.op == "output":
+            for labels in tensors_in(args):
+                self.space.block(labels, OUTPUT_REASON)
+            return args[0]
+        ctx = RuleContext(self.space, n, self.module)
+        found = find_rule(n, self.module)
+        if found is not None:
+            try:
+                call = (ctx,) + args
+                return found(*call, **kwargs)
+            except Exception as e:  # a rule that cannot follow this call makes it a boundary
+                return ctx.boundary((args, kwargs), f"{ctx.where} is not understood ({type(e).__name__}: {e})")
+        if not tensors_in((args, kwargs)) and n.op != "call_module":
+            value = getattr(self, n.op)(n.target, args, kwargs)
+            if tensors_in(value):  # a tensor made from nothing has a fixed shape
+                return fixed_like(self.space, meta, f"created with a fixed shape by {describe(n, self.module)}")
+            return value
+        return ctx.boundary((args, kwargs))
+
+    def _attribute(self, n: torch.fx.Node) -> Any:
+        value = self.fetch_attr(n.target)
+        if not isinstance(value, torch.Tensor):
+            return value
+        dims = [d for d, size in enumerate(value.shape) if size > 1]
+        if not dims:
+            return torch.full((1,) * value.dim(), NONE, dtype=torch.long).expand(value.shape)
+        if len(dims) > 1:
+            return self.space.fixed(value.shape, f"tensor '{n.target}' is used directly with several dims")
+        atoms = self.space.owned(n.target, "out", value.shape[dims[0]])
+        self.space.producers.append(Producer(n.name, n.target, dims[0], atoms, "attribute"))
+        self.space.members.append(Member(n.target, dims[0], atoms, "out", n.name))
+        view = [1] * value.dim()
+        view[dims[0]] = -1
+        return atoms.reshape(view).expand(value.shape)
+
+
+def analyze(
+    model: nn.Module, example_inputs: Any, leaf_modules=(), concrete_args: dict | None = None,
+) -> Analysis:
+    """Find every group of coupled channels in ``model``; never changes ``model``.
+
+    >>> print(analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224)))
+    """
+    gm = trace(model, example_inputs, leaf_modules, concrete_args)
+    space = LabelSpace()
+    interpreter = _LabelInterpreter(gm, space)
+    interpreter.run(*[None] * len(gm.graph.find_nodes(op="placeholder")))
+    labels = {n.name: compressed(v) for n, v in interpreter.env.items()}
+    return _build(gm, space, labels)
+
+
+def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) -> Analysis:
+    roots = space.roots()
+    blocked = {int(roots[a]): r for a, r in space.blocked.items()}
+    inexact = {int(roots[a]): r for a, r in space.inexact.items()}
+    components = UnionFind()
+    for p in space.producers:
+        units = roots[p.atoms].tolist()
+        components.union(*units)
+    order: dict[Any, list[int]] = {}
+    producers: dict[Any, list[Producer]] = {}
+    for p in space.producers:
+        key = components[int(roots[p.atoms[0]])]
+        units = order.setdefault(key, [])
+        producers.setdefault(key, []).append(p)
+        seen = set(units)
+        for u in roots[p.atoms].tolist():
+            if u not in seen:
+                units.append(u)
+                seen.add(u)
+    groups, unit_of, used = [], {}, set()
+    for gi, (key, units) in enumerate(order.items()):
+        plist = producers[key]
+        name = _group_name(plist, used)
+        for ui, u in enumerate(units):
+            unit_of[u] = (gi, ui)
+        reason = next((blocked[u] for u in units if u in blocked), None)
+        soft = next((inexact[u] for u in units if u in inexact), None)
+        groups.append(ChannelGroup(
+            name=name, size=len(units), members=[], prunable=reason is None and soft is None,
+            reason=reason or (f"not exactly prunable: {soft}" if soft else None),
+            producers=list(dict.fromkeys(p.name for p in plist)), exact=soft is None,
+        ))
+    _attach_members(groups, space, labels, roots, unit_of)
+    return Analysis(gm, space, groups, labels, roots, unit_of)
+
+
+def _group_name(plist: list[Producer], used: set[str]) -> str:
+    modules = [p for p in plist if p.kind == "module"]
+    base = (modules or plist)[0].name
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}#{i}"
+    used.add(name)
+    return name
+
+
+def _attach_members(groups, space, labels, roots, unit_of) -> None:
+    def add(kind: str, name: str, dim: int, atoms: torch.Tensor) -> None:
+        r = torch.where(atoms >= 0, roots[atoms.clamp(min=0)], NONE)
+        per_group: dict[int, tuple[list[int], list[int]]] = {}
+        for i, u in enumerate(r.tolist()):
+            if u in unit_of:
+                gi, ui = unit_of[u]
+                idx, units = per_group.setdefault(gi, ([], []))
+                idx.append(i)
+                units.append(ui)
+        for gi, (idx, units) in per_group.items():
+            groups[gi].members.append(GroupMember(kind, name, dim, torch.tensor(idx), torch.tensor(units)))
+
+    seen = set()
+    for m in space.members:
+        if (m.owner, m.dim) not in seen:
+            seen.add((m.owner, m.dim))
+            add("param", m.owner, m.dim, m.atoms)
+    for node, value in labels.items():
+        if isinstance(value, torch.Tensor):
+            small = compress(value)
+            for d in range(value.dim()):
+                if small.shape[d] > 1:
+                    add("tensor", node, d, small.movedim(d, 0).reshape(small.shape[d], -1)[:, 0])

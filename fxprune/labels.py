@@ -1,0 +1,161 @@
+"""Channel labels: every tensor element carries the id of the channel ("atom") it belongs to.
+
+The analysis runs the traced graph on integer label tensors instead of data. Data movement ops
+(cat, split, view, permute, ...) run unchanged on the labels, so channels follow every index
+rearrangement exactly. Ops that tie channels together (residual add, a conv reading its input,
+a parameter shared by two call sites) merge atoms in a union-find. Each resulting class is one
+prunable *unit*: removing it removes every element that carries one of its atoms.
+
+Label tensors are kept as broadcast views (stride 0) along dimensions where they are constant,
+so a channel map of a (N, C, H, W) activation costs C integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from networkx.utils import UnionFind
+
+NONE = -1  # an element that belongs to no channel (padding, constants)
+
+
+@dataclass
+class Member:
+    """One dimension of a parameter or buffer whose indices are channels.
+
+    ``atoms[i]`` is the atom of index ``i`` along ``dim`` of the tensor ``owner`` (a qualified
+    parameter or buffer name), or NONE when that index is not a channel. ``role`` is "out" for a
+    producer's output channels, "in" for a consumer's input channels and "channel" for per-channel
+    state (normalisation parameters, running statistics).
+    """
+
+    owner: str
+    dim: int
+    atoms: torch.Tensor
+    role: str
+    node: str
+    input_dim: int | None = None  # for role "in": the dim of the consumer's input tensor
+
+
+@dataclass
+class Producer:
+    """A graph node whose output creates channels along ``dim``: a module, or a tensor attribute
+    used directly (``kind`` "module" or "attribute")."""
+
+    node: str
+    name: str
+    dim: int
+    atoms: torch.Tensor
+    kind: str = "module"
+
+
+@dataclass
+class LabelSpace:
+    """Atoms, their union-find, and what the analysis learned about them."""
+
+    uf: UnionFind = field(default_factory=UnionFind)
+    count: int = 0
+    blocked: dict[int, str] = field(default_factory=dict)
+    inexact: dict[int, str] = field(default_factory=dict)
+    members: list[Member] = field(default_factory=list)
+    producers: list[Producer] = field(default_factory=list)
+    _owned: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+    def fresh(self, n: int) -> torch.Tensor:
+        """``n`` new atoms."""
+        atoms = torch.arange(self.count, self.count + n)
+        self.count += n
+        return atoms
+
+    def owned(self, owner: str, key: str, n: int) -> torch.Tensor:
+        """The atoms of ``owner``'s ``key`` (created once, so every call site shares them)."""
+        atoms = self._owned.get((owner, key))
+        if atoms is None or len(atoms) != n:
+            atoms = self._owned[(owner, key)] = self.fresh(n)
+        return atoms
+
+    def fixed(self, shape: torch.Size, reason: str) -> torch.Tensor:
+        """A label tensor of one new atom that can never be removed."""
+        atom = self.fresh(1)
+        self.blocked[int(atom)] = reason
+        return atom.reshape([1] * len(shape)).expand(shape)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Merge the atoms found at the same position of ``a`` and ``b`` (same shape)."""
+        a, b = joint_compress(a, b)
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+        pairs = pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs >= 0).all(1)]
+        for x, y in torch.unique(pairs, dim=0).tolist():
+            self.uf.union(x, y)
+
+    def union_all(self, atoms: torch.Tensor) -> int:
+        """Merge every atom in ``atoms``; returns one of them, or NONE if there is none."""
+        found = atoms_in(atoms)
+        if not found:
+            return NONE
+        self.uf.union(*found)
+        return found[0]
+
+    def block(self, labels: torch.Tensor, reason: str) -> None:
+        """No atom in ``labels`` may be removed."""
+        for atom in atoms_in(labels):
+            self.blocked.setdefault(atom, reason)
+
+    def mark_inexact(self, labels: torch.Tensor, reason: str) -> None:
+        """Removing an atom in ``labels`` would change the function (mixing across channels)."""
+        for atom in atoms_in(labels):
+            self.inexact.setdefault(atom, reason)
+
+    def per_index(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
+        """One atom per index along ``dim``: everything in a slice is merged into one unit."""
+        small = compress(labels).movedim(dim, 0)
+        small = small.reshape(small.shape[0], -1)
+        first = small[:, 0].clone()
+        mixed = (small != first[:, None]).any(1).nonzero().flatten().tolist()
+        for i in mixed:
+            first[i] = self.union_all(small[i])
+        return first.expand(labels.shape[dim]) if first.shape[0] == 1 else first
+
+    def roots(self) -> torch.Tensor:
+        """``roots[atom]`` is the representative atom of its unit."""
+        return torch.tensor([self.uf[a] for a in range(self.count)], dtype=torch.long)
+
+
+def atoms_in(labels: torch.Tensor) -> list[int]:
+    """The distinct atoms in a label tensor."""
+    unique = torch.unique(compress(labels))
+    return unique[unique >= 0].tolist()
+
+
+def along(atoms: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """Labels of ``shape`` that carry ``atoms`` along ``dim`` and are constant elsewhere."""
+    view = [1] * len(shape)
+    view[dim] = -1
+    return atoms.reshape(view).expand(shape)
+
+
+def compress(t: torch.Tensor) -> torch.Tensor:
+    """Shrink ``t`` to size 1 along every dimension where its values are constant."""
+    for d in range(t.dim()):
+        if t.shape[d] > 1 and (t.stride(d) == 0 or bool((t == t.narrow(d, 0, 1)).all())):
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def expand_compressed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a broadcast view of its compressed form (cheap to store and to combine)."""
+    return compress(t).expand(t.shape)
+
+
+def varies(t: torch.Tensor, dim: int) -> bool:
+    """Whether labels differ along ``dim``."""
+    return compress(t).shape[dim] > 1
+
+
+def joint_compress(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress two same-shaped label tensors along the dimensions where both are constant."""
+    ca, cb = compress(a), compress(b)
+    for d in range(a.dim()):
+        if ca.shape[d] == 1 and cb.shape[d] == 1:
+            a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+    return a, b

@@ -1,0 +1,140 @@
+"""Masks: which channels to keep, checked against an :class:`Analysis` and resolved to units."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .analysis import Analysis, ChannelGroup
+from .errors import MaskError
+from .labels import NONE, Producer
+
+Masks = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Plan:
+    """Resolved masks: the units that stay, and each producer's own channel mask.
+
+    ``keep_atom[a]`` says whether atom ``a`` survives compaction. ``producer_masks`` holds, for
+    every producer that zeroes some of its channels, a bool mask over its output channels; a channel
+    of a kept unit that its producer masks is zeroed there, so disagreeing masks stay exact.
+    """
+
+    analysis: Analysis
+    keep_unit: list[torch.Tensor]
+    keep_atom: torch.Tensor
+    producer_masks: dict[str, tuple[Producer, torch.Tensor]]
+
+    def kept(self, labels: torch.Tensor) -> torch.Tensor:
+        """Whether each position of a label tensor survives."""
+        return torch.where(labels >= 0, self.keep_atom[labels.clamp(min=0)], True)
+
+
+def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()) -> Plan:
+    """Check ``masks`` and turn them into a :class:`Plan`. Raises :class:`MaskError` naming the key.
+
+    ``force_keep`` lists unit roots that must stay whatever the masks say.
+    """
+    groups = {g.name: (i, g) for i, g in enumerate(analysis.groups)}
+    producers = _producers_by_name(analysis)
+    unit_votes: list[torch.Tensor | None] = [None] * len(analysis.groups)
+    own: dict[str, tuple[Producer, torch.Tensor]] = {}
+    by_group: dict[int, torch.Tensor] = {}
+    for key, mask in masks.items():
+        gi, g = groups.get(key, (None, None))
+        plist = producers.get(key, [])
+        mask = _check_tensor(key, mask)
+        if g is not None and len(mask) == g.size:
+            _check_prunable(key, g, mask)
+            by_group[gi] = mask
+            vote = mask
+        elif plist and len(mask) == len(plist[0].atoms):
+            p = plist[0]
+            gi, units = _units_of(analysis, p.atoms)
+            g = analysis.groups[gi]
+            _check_prunable(key, g, mask)
+            vote = torch.zeros(g.size, dtype=torch.bool).index_put_((units,), mask, accumulate=True)
+            own.update({q.node: (q, mask) for q in plist})
+        else:
+            raise MaskError(_bad_key(key, mask, g, plist, groups, producers))
+        unit_votes[gi] = vote if unit_votes[gi] is None else unit_votes[gi] | vote
+    keep_unit = [v if v is not None else torch.ones(g.size, dtype=torch.bool)
+                 for v, g in zip(unit_votes, analysis.groups)]
+    masked_atom = _keep_atoms(analysis, keep_unit)
+    keep_unit = [k.clone() for k in keep_unit]
+    for root in force_keep:
+        gi, ui = analysis.unit_of[root]
+        keep_unit[gi][ui] = True
+    for gi, keep in enumerate(keep_unit):
+        if not keep.any():
+            raise MaskError(
+                f"mask for group '{analysis.groups[gi].name}' removes every channel; removing a "
+                "whole group is layer removal, not channel pruning"
+            )
+    keep_atom = _keep_atoms(analysis, keep_unit)
+    return Plan(analysis, keep_unit, keep_atom, _producer_masks(analysis, masked_atom, own, by_group))
+
+
+def _producers_by_name(analysis: Analysis) -> dict[str, list[Producer]]:
+    out: dict[str, list[Producer]] = {}
+    for p in analysis.space.producers:
+        out.setdefault(p.name, []).append(p)
+    return out
+
+
+def _check_tensor(key: str, mask) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"mask '{key}' must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise MaskError(f"mask '{key}' must have dtype torch.bool, got {mask.dtype}")
+    if mask.dim() != 1:
+        raise MaskError(f"mask '{key}' must be 1-D, got shape {tuple(mask.shape)}")
+    return mask.detach().cpu()
+
+
+def _check_prunable(key: str, g: ChannelGroup, mask: torch.Tensor) -> None:
+    if not g.prunable and not bool(mask.all()):
+        raise MaskError(f"mask '{key}' removes channels of group '{g.name}', which is not prunable: {g.reason}")
+
+
+def _bad_key(key, mask, g, plist, groups, producers) -> str:
+    if g is not None:
+        return f"mask '{key}' has {len(mask)} entries; group '{key}' has {g.size} channels"
+    if plist:
+        return f"mask '{key}' has {len(mask)} entries; module '{key}' produces {len(plist[0].atoms)} channels"
+    close = difflib.get_close_matches(key, list(groups) + list(producers), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"mask '{key}' names no channel group or producing module{hint}"
+
+
+def _keep_atoms(analysis: Analysis, keep_unit: list[torch.Tensor]) -> torch.Tensor:
+    roots = analysis.roots
+    keep_root = torch.ones(len(roots), dtype=torch.bool)
+    for root, (gi, ui) in analysis.unit_of.items():
+        keep_root[root] = keep_unit[gi][ui]
+    return keep_root[roots]
+
+
+def _units_of(analysis: Analysis, atoms: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The group of a producer's atoms, and the unit index of each."""
+    found = [analysis.unit_of[int(r)] for r in analysis.roots[atoms]]
+    return found[0][0], torch.tensor([ui for _, ui in found])
+
+
+def _producer_masks(analysis, masked_atom, own, by_group) -> dict:
+    """Each producer's own channel mask, for the producers that zero some channel."""
+    out = {}
+    for p in analysis.space.producers:
+        gi, units = _units_of(analysis, p.atoms)
+        if p.node in own:
+            mask = own[p.node][1]
+        elif gi in by_group:
+            mask = by_group[gi][units]
+        else:
+            mask = masked_atom[p.atoms]
+        if not bool(mask.all()):
+            out[p.node] = (p, mask)
+    return out

@@ -1,0 +1,51 @@
+"""Binary arithmetic with broadcasting: out[i] <- a[i] op b[i].
+
+Operands that both carry channels at a position are coupled there (a residual add, or a
+squeeze-excite gate scaling the channels it was computed for). An operand broadcast along a
+dimension in which the other one carries channels (a single-channel attention map, a scalar)
+couples nothing.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..labels import NONE, compress
+from .registry import RuleContext, rule
+
+ADD_MUL = (operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
+           torch.add, torch.sub, torch.mul, torch.subtract, torch.multiply,
+           "add", "add_", "sub", "sub_", "mul", "mul_")
+DIV = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide")
+
+
+def broadcast_only(a: torch.Tensor, b: torch.Tensor, a_shape: torch.Size) -> bool:
+    """Whether ``a`` (of original shape ``a_shape``) is broadcast where ``b`` carries channels."""
+    cb = compress(b)
+    offset = b.dim() - len(a_shape)
+    return any(a_shape[d - offset] == 1 and cb.shape[d] > 1 for d in range(offset, b.dim())) or (
+        offset > 0 and any(cb.shape[d] > 1 for d in range(offset))
+    )
+
+
+@rule(*ADD_MUL, *DIV)
+def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[i] <- a[i] op b[i]
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        labels = a if isinstance(a, torch.Tensor) else b
+        return labels.expand(ctx.out_shape())
+    shape = ctx.out_shape()
+    wa, wb = a.expand(shape), b.expand(shape)
+    if ctx.node.target in DIV:
+        ctx.space.block(b, f"divides by channel values at {ctx.where}")
+    a_alone, b_alone = broadcast_only(a, wb, a.shape), broadcast_only(b, wa, b.shape)
+    if a_alone and b_alone:
+        reason = f"broadcasts against channels of another tensor at {ctx.where}"
+        ctx.space.block(a, reason)
+        ctx.space.block(b, reason)
+    if a_alone:
+        return wb
+    if b_alone:
+        return wa
+    ctx.space.union(wa, wb)
+    return torch.where(compress(wa) != NONE, compress(wa), compress(wb)).expand(shape)

@@ -1,0 +1,147 @@
+"""The registry of channel rules: one small handler per op, keyed by module class, function or method.
+
+A rule receives a :class:`RuleContext` and the node's arguments with every tensor replaced by its
+label tensor (see :mod:`fxprune.labels`), and returns the output's labels. Rules say how channels
+flow through their op; anything not registered is a boundary.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..labels import LabelSpace, Member, Producer, along, expand_compressed
+
+Rule = Callable[..., Any]
+RULES: dict[Any, Rule] = {}
+
+
+def rule(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register a channel rule for module classes, functions, or method names (strings)."""
+
+    def register(fn: Rule) -> Rule:
+        for target in targets:
+            RULES[target] = fn
+        return fn
+
+    return register
+
+
+def find_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
+    """The rule for ``node``: by module class (most derived first), function, or method name."""
+    if node.op == "call_module":
+        for cls in type(gm.get_submodule(node.target)).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    return RULES.get(node.target)
+
+
+def describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    """A readable name for the op a node runs."""
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} module '{node.target}'"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+@dataclass
+class RuleContext:
+    """What a rule may read about its node and record into the label space."""
+
+    space: LabelSpace
+    node: torch.fx.Node
+    gm: torch.fx.GraphModule
+
+    @property
+    def module(self) -> nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    @property
+    def where(self) -> str:
+        return f"{describe(self.node, self.gm)} at node '{self.node.name}'"
+
+    def out_shape(self) -> torch.Size:
+        return self.node.meta["tensor_meta"].shape
+
+    def param_name(self, attr: str) -> str:
+        return f"{self.node.target}.{attr}"
+
+    def produce(self, owner: str, n: int, dim: int, name: str | None = None) -> torch.Tensor:
+        """New output channels along ``dim`` owned by parameter ``owner``; returns output labels."""
+        atoms = self.space.owned(owner, "out", n)
+        shape = self.out_shape()
+        dim = dim % len(shape)
+        self.space.producers.append(Producer(self.node.name, name or self.node.target, dim, atoms))
+        return along(atoms, dim, shape)
+
+    def member(self, owner: str, dim: int, atoms: torch.Tensor, role: str, input_dim: int | None = None) -> None:
+        """Index ``i`` of ``owner`` along ``dim`` belongs to ``atoms[i]`` (for an "in" member, the
+        channel at index ``i`` along ``input_dim`` of the node's first input)."""
+        self.space.members.append(Member(owner, dim, atoms, role, self.node.name, input_dim))
+
+    def module_member(self, attr: str, dim: int, atoms: torch.Tensor, role: str) -> None:
+        """Like :meth:`member`, for a parameter or buffer of the called module, if it is set."""
+        if getattr(self.module, attr, None) is not None:
+            self.member(self.param_name(attr), dim, atoms, role)
+
+    def boundary(self, args: Any, reason: str | None = None) -> Any:
+        """Block every channel in ``args``; the output carries fixed, unremovable channels."""
+        reason = reason or f"reaches {self.where}, which fxprune has no channel rule for"
+        for labels in tensors_in(args):
+            self.space.block(labels, reason)
+        return fixed_like(self.space, self.node.meta.get("tensor_meta"), reason)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested structure of arguments."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
+
+
+def fixed_like(space: LabelSpace, meta: Any, reason: str) -> Any:
+    """Fixed labels shaped like ``meta`` (a TensorMetadata or a nest of them)."""
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):
+        return space.fixed(meta.shape, reason)
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(fixed_like(space, m, reason) for m in meta)
+    if isinstance(meta, dict):
+        return {k: fixed_like(space, m, reason) for k, m in meta.items()}
+    return None
+
+
+def run_on_labels(ctx: RuleContext, args: tuple, kwargs: dict) -> Any:
+    """Run the node's own op on label tensors: right for every op that only moves elements."""
+    node = ctx.node
+    if node.op == "call_method":
+        name = "reshape" if node.target == "view" else node.target
+        out = getattr(args[0], name)(*args[1:], **kwargs)
+    else:
+        out = (torch.reshape if node.target is torch.Tensor.view else node.target)(*args, **kwargs)
+    return compressed(out)
+
+
+def compressed(value: Any) -> Any:
+    """Every label tensor in a nest, in its cheap broadcast form."""
+    if isinstance(value, torch.Tensor):
+        return expand_compressed(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(compressed(v) for v in value)
+    return value
+
+
+def same(labels: torch.Tensor) -> torch.Tensor:
+    """Labels passed through unchanged, kept in their cheap broadcast form."""
+    return expand_compressed(labels)

@@ -1,0 +1,99 @@
+"""Trace a model into a ``torch.fx.GraphModule`` with tensor shapes on every node."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+# Modules kept whole: their internals are handled by one channel rule each.
+ALWAYS_LEAF = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+HINT = (
+    "Hint: name the module in `leaf_modules=` to keep it whole (its channels then become a "
+    "boundary unless fxprune has a rule for it), or fix data-dependent arguments with "
+    "`concrete_args=`."
+)
+
+
+class _Tracer(torch.fx.Tracer):
+    """A tracer that keeps chosen modules as leaves and remembers where tracing failed."""
+
+    def __init__(self, leaf_modules: Iterable[str | type[nn.Module]] = ()):
+        super().__init__()
+        leaves = list(leaf_modules)
+        self.leaf_names = {x for x in leaves if isinstance(x, str)}
+        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or isinstance(m, ALWAYS_LEAF + self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = f"'{self.path_of_module(m) or '<root>'}' ({type(m).__name__})"
+            raise
+
+
+def as_tuple(example_inputs: Any) -> tuple:
+    """Example inputs as a tuple of positional arguments."""
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Iterable[str | type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` and record ``tensor_meta`` (shape, dtype) on every node.
+
+    Shapes are propagated with fake tensors, so no real arithmetic runs and nothing in ``model``
+    changes. RNN and attention modules, and modules named in ``leaf_modules`` (qualified names or
+    classes), stay single nodes. Raises :class:`TraceError` naming the module that FX cannot trace.
+
+    >>> gm = trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    >>> gm.graph.find_nodes(op="output")[0].args[0].meta["tensor_meta"].shape
+    torch.Size([1, 1000])
+    """
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as e:
+        where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
+        raise TraceError(f"cannot trace module {where}: {type(e).__name__}: {e}. {HINT}") from e
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    propagate_shapes(gm, example_inputs)
+    return gm
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
+    """Store ``tensor_meta`` on every node of ``gm`` by running it on fake tensors."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in as_tuple(example_inputs)]
+    prop = ShapeProp(gm, fake_mode=mode)
+    try:
+        prop.propagate(*fake)
+    except Exception as e:
+        node = getattr(e, "fxprune_node", None) or _failed_node(e)
+        raise TraceError(f"shape propagation failed at node {node}: {type(e).__name__}: {e}") from e
+
+
+def _failed_node(e: Exception) -> str:
+    # ShapeProp wraps the failing node's exception with a note naming it.
+    for note in getattr(e, "__notes__", []) or []:
+        if "node" in note.lower():
+            return note.strip().splitlines()[0]
+    return "<unknown>"

@@ -1,0 +1,146 @@
+"""Removed channels that still carry a value.
+
+A masked channel is zero where it leaves its producer, but an op after it may turn zero into a
+constant (a BatchNorm shift, sigmoid(0) = 0.5) or into something input-dependent (adding a
+broadcast tensor). The values that reach each consumer are measured on the masked reference model:
+a constant is folded into the consumer's bias where that is exact (a linear layer, an unpadded
+convolution); any other non-zero value keeps its channel. Nothing is dropped silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxprune.masks import Plan
+from fxprune.trace import as_tuple
+
+
+@dataclass
+class Adjustment:
+    """What happened to a removed channel that was not zero at a consumer."""
+
+    group: str
+    channel: int
+    consumer: str
+    action: str  # "folded" or "kept"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"group '{self.group}' channel {self.channel} at '{self.consumer}': {self.action} ({self.detail})"
+
+
+@dataclass
+class Fold:
+    """Add ``delta`` to the bias of module ``module``."""
+
+    module: str
+    delta: torch.Tensor
+
+
+class _Capture(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.wanted:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.seen.setdefault(n.name, []).append(args[0].detach())
+        return super().run_node(n)
+
+
+def consumer_inputs(reference: torch.fx.GraphModule, nodes: set[str], example_inputs: Any) -> dict[str, torch.Tensor]:
+    """The first input of each node in ``nodes``, on the example and on a perturbed copy of it."""
+    probe = _Capture(reference, nodes)
+    with torch.no_grad():
+        for inputs in (as_tuple(example_inputs), _perturbed(as_tuple(example_inputs))):
+            probe.run(*inputs)
+    return {k: torch.cat(v) for k, v in probe.seen.items()}
+
+
+def _perturbed(inputs: tuple) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+        elif isinstance(x, torch.Tensor) and x.numel() > 0:
+            x = x.flatten()[torch.randperm(x.numel(), generator=g)].reshape(x.shape)
+        out.append(x)
+    return tuple(out)
+
+
+def dropped_inputs(plan: Plan) -> list[tuple[Any, torch.Tensor]]:
+    """The "in" members that lose channels, with the indices they lose."""
+    out = []
+    for m in plan.analysis.space.members:
+        if m.role == "in":
+            lost = ((m.atoms >= 0) & ~plan.kept(m.atoms)).nonzero().flatten()
+            if len(lost):
+                out.append((m, lost))
+    return out
+
+
+def plan_folds(gm: torch.fx.GraphModule, plan: Plan, values: dict[str, torch.Tensor]):
+    """Decide, per removed channel reaching a consumer, to drop, fold or keep it.
+
+    Returns (unit roots to keep, folds, adjustments). A channel kept for one consumer is kept for
+    all, so folds are decided only once every keep is known.
+    """
+    analysis = plan.analysis
+    nodes = {n.name: n for n in gm.graph.nodes}
+    keep, seen, folds, report = set(), [], [], []
+    for m, lost in dropped_inputs(plan):
+        node = nodes[m.node]
+        module = gm.get_submodule(node.target)
+        x = values[m.node].movedim(m.input_dim, 0)[lost].reshape(len(lost), -1)
+        first = x[:, 0]
+        constant = (x == first[:, None]).all(1) & torch.isfinite(first)
+        const = torch.where(constant, first, torch.zeros(()))
+        roots = analysis.roots[m.atoms[lost]]
+        foldable = _foldable(module)
+        for i in (~constant | ((const != 0) & (not foldable))).nonzero().flatten().tolist():
+            keep.add(int(roots[i]))
+            why = "input-dependent value" if not constant[i] else f"constant {float(const[i]):.4g} into a padded conv"
+            report.append(_adjust(analysis, int(roots[i]), node.target, "kept", why))
+        seen.append((m, node, module, lost, const, roots))
+    for m, node, module, lost, const, roots in seen:
+        fold = (const != 0) & torch.tensor([int(r) not in keep for r in roots], dtype=torch.bool)
+        if bool(fold.any()):
+            folds.append(Fold(node.target, _delta(module, m.dim, lost, torch.where(fold, const, 0.0))))
+            for i in fold.nonzero().flatten().tolist():
+                report.append(_adjust(analysis, int(roots[i]), node.target, "folded", f"constant {float(const[i]):.4g} into bias"))
+    return keep, folds, report
+
+
+def _adjust(analysis, root: int, consumer: str, action: str, detail: str) -> Adjustment:
+    gi, ui = analysis.unit_of[root]
+    return Adjustment(analysis.groups[gi].name, ui, consumer, action, detail)
+
+
+def _foldable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
+        return module.padding == "valid" or all(p == 0 for p in module.padding)
+    return False
+
+
+def _delta(module: nn.Module, dim: int, lost: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    w = module.weight.detach().index_select(dim, lost)
+    w = w.reshape(w.shape[0], w.shape[1], -1).sum(2)
+    return w @ const.to(w.dtype)
+
+
+def fold_constants(gm: torch.fx.GraphModule, folds: list[Fold]) -> None:
+    """Add each fold's delta to its module's bias, creating the bias if needed, in place."""
+    for fold in folds:
+        m = gm.get_submodule(fold.module)
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.zeros_like(fold.delta), requires_grad=m.weight.requires_grad)
+        with torch.no_grad():
+            m.bias.add_(fold.delta)

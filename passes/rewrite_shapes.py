@@ -1,0 +1,141 @@
+"""Rewrite shape arguments (view sizes, split sections, slice bounds) to the compacted channel counts.
+
+Arguments computed in the graph (``x.size(1) // g``) follow by themselves; literal integers that
+count channels are replaced, one small handler per op.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx
+
+from fxprune.errors import CompactError
+from fxprune.labels import compress
+from fxprune.masks import Plan
+
+Rewrite = Callable[[torch.fx.Node, "Shapes"], None]
+REWRITES: dict[object, Rewrite] = {}
+
+
+class Shapes:
+    """Old and new sizes of every node, from the analysis' labels and the plan."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def kept(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
+        """Which indices along ``dim`` of ``node``'s output survive."""
+        labels = self.plan.analysis.labels[node.name]
+        small = compress(labels)
+        dim %= labels.dim()
+        if small.shape[dim] == 1:
+            return torch.ones(labels.shape[dim], dtype=torch.bool)
+        return self.plan.kept(small).movedim(dim, 0).reshape(small.shape[dim], -1).any(1)
+
+    def new_shape(self, node: torch.fx.Node) -> list[int]:
+        labels = self.plan.analysis.labels[node.name]
+        return [int(self.kept(node, d).sum()) for d in range(labels.dim())]
+
+
+def rewrite(*targets: object):
+    def register(fn: Rewrite) -> Rewrite:
+        for t in targets:
+            REWRITES[t] = fn
+        return fn
+
+    return register
+
+
+def _sizes(args: tuple) -> tuple[list, bool]:
+    packed = len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size))
+    return list(args[0] if packed else args), packed
+
+
+@rewrite("view", "reshape", torch.reshape, "expand")  # literal sizes <- the new output sizes
+def _shape_args(node: torch.fx.Node, shapes: Shapes) -> None:
+    x, *rest = node.args
+    sizes, packed = _sizes(tuple(rest))
+    new = shapes.new_shape(node)
+    sizes = [new[i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
+    node.args = (x, tuple(sizes)) if packed else (x, *sizes)
+
+
+@rewrite("unflatten", torch.unflatten)  # sizes <- the new sizes of the unflattened dims
+def _unflatten(node: torch.fx.Node, shapes: Shapes) -> None:
+    x, dim, sizes = node.args
+    new = shapes.new_shape(node)
+    start = dim % len(new)
+    node.args = (x, dim, tuple(new[start + i] if s != -1 else s for i, s in enumerate(sizes)))
+
+
+@rewrite("split", torch.split, "chunk", torch.chunk)  # sections <- kept channels per piece
+def _split(node: torch.fx.Node, shapes: Shapes) -> None:
+    x, size, *rest = node.args
+    dim = node.kwargs.get("dim", rest[0] if rest else 0)
+    kept = shapes.kept(x, dim)
+    n = len(kept)
+    if node.target in ("chunk", torch.chunk):
+        size = -(-n // size)
+    bounds = list(range(0, n, size)) + [n] if isinstance(size, int) else [sum(size[:i]) for i in range(len(size) + 1)]
+    sections = [int(kept[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
+    node.target = "split" if node.op == "call_method" else torch.split
+    node.args, node.kwargs = (x, sections, dim), {}
+
+
+@rewrite(operator.getitem)  # x[a:b] <- x[a':b'] with a', b' counted over kept channels
+def _getitem(node: torch.fx.Node, shapes: Shapes) -> None:
+    x, index = node.args
+    if not isinstance(x, torch.fx.Node) or "tensor_meta" not in x.meta or not hasattr(x.meta["tensor_meta"], "shape"):
+        return
+    entries = index if isinstance(index, tuple) else (index,)
+    ndim = len(x.meta["tensor_meta"].shape)
+    consumed = sum(1 for e in entries if e is not None and e is not Ellipsis)
+    out, dim = [], 0
+    for e in entries:
+        if e is Ellipsis:
+            dim += ndim - consumed
+        elif e is not None:
+            kept = shapes.kept(x, dim)
+            before = torch.cat([torch.zeros(1, dtype=torch.long), kept.cumsum(0)])
+            if isinstance(e, int):
+                e = int(before[e % len(kept)])
+            elif isinstance(e, slice):
+                start, stop, _ = e.indices(len(kept))
+                e = slice(None if e.start is None else int(before[start]),
+                          None if e.stop is None else int(before[stop]), e.step)
+            dim += 1
+        out.append(e)
+    node.args = (x, tuple(out) if isinstance(index, tuple) else out[0])
+
+
+@rewrite("narrow", torch.narrow)
+def _narrow(node: torch.fx.Node, shapes: Shapes) -> None:
+    x, dim, start, length = node.args
+    kept = shapes.kept(x, dim)
+    node.args = (x, dim, int(kept[:start].sum()), int(kept[start:start + length].sum()))
+
+
+def rewrite_shapes(gm: torch.fx.GraphModule, plan: Plan) -> None:
+    """Rewrite the shape arguments of ``gm``'s nodes for the channels ``plan`` keeps, in place."""
+    shapes = Shapes(plan)
+    for node in gm.graph.nodes:
+        if node.name not in plan.analysis.labels or node.op not in ("call_function", "call_method"):
+            continue
+        fn = REWRITES.get(node.target)
+        if fn is not None and _changes(node, shapes):
+            try:
+                fn(node, shapes)
+            except Exception as e:
+                raise CompactError(f"cannot rewrite the arguments of node '{node.name}' ({node.format_node()}): {e}") from e
+    gm.recompile()
+
+
+def _changes(node: torch.fx.Node, shapes: Shapes) -> bool:
+    inputs = [a for a in node.all_input_nodes if a.name in shapes.plan.analysis.labels]
+    return any(
+        isinstance(shapes.plan.analysis.labels[n.name], torch.Tensor)
+        and not bool(shapes.plan.kept(compress(shapes.plan.analysis.labels[n.name])).all())
+        for n in [node, *inputs]
+    )
