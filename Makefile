@@ -1,0 +1,38 @@
+# Developer entry points. Only python3 is needed; everything else goes into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
+PYTEST_FLAGS ?= -q -ra --strict-markers --durations=10
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fxprune-installed
+
+.PHONY: venv test demo bench clean distclean
+
+venv: $(STAMP)
+
+# torch is pinned and installed first so that nothing below replaces it; torchvision is
+# only used for its pure-Python model definitions, hence --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev]" "$(TORCH)"
+	$(PY) -m pip install --no-deps "$(TORCHVISION)"
+	touch $@
+
+test: venv
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+demo: venv
+	$(PY) examples/demo.py
+
+bench: venv
+	$(PY) benchmarks/compact_speed.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis out
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
