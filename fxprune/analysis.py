@@ -64,6 +64,9 @@ class Analysis:
     roots: torch.Tensor
     unit_of: dict[int, tuple[int, int]]
     layers: list = field(default_factory=list)
+    tainted: set[str] = field(default_factory=set)  # nodes where a masked channel may be non-zero
+    group_of: torch.Tensor | None = None  # per root: its group's index, or -1
+    unit_in: torch.Tensor | None = None  # per root: its unit's index in the group, or -1
 
     def group(self, name: str) -> ChannelGroup:
         """The group called ``name``."""
@@ -88,6 +91,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, space: LabelSpace):
         super().__init__(gm, garbage_collect_values=False)
         self.space = space
+        self.tainted: set[str] = set()
 
     def run_node(self, n: torch.fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -103,11 +107,15 @@ class _LabelInterpreter(torch.fx.Interpreter):
         ctx = RuleContext(self.space, n, self.module)
         found = find_rule(n, self.module)
         if found is not None:
+            producers = len(self.space.producers)
             try:
-                call = (ctx,) + args
-                return found(*call, **kwargs)
+                out = found(ctx, *args, **kwargs)
             except Exception as e:  # a rule that cannot follow this call makes it a boundary
                 return ctx.boundary((args, kwargs), f"{ctx.where} is not understood ({type(e).__name__}: {e})")
+            fresh = len(self.space.producers) > producers  # a producer's channels are zeroed at its output
+            if not fresh and (ctx.tainted or any(a.name in self.tainted for a in n.all_input_nodes)):
+                self.tainted.add(n.name)
+            return out
         if not tensors_in((args, kwargs)) and n.op != "call_module":
             value = getattr(self, n.op)(n.target, args, kwargs)
             if tensors_in(value):  # a tensor made from nothing has a fixed shape
@@ -144,7 +152,9 @@ def analyze(
     interpreter = _LabelInterpreter(gm, space)
     interpreter.run(*[None] * len(gm.graph.find_nodes(op="placeholder")))
     labels = {n.name: compressed(v) for n, v in interpreter.env.items()}
-    return _build(gm, space, labels)
+    analysis = _build(gm, space, labels)
+    analysis.tainted = interpreter.tainted
+    return analysis
 
 
 def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) -> Analysis:
@@ -179,8 +189,20 @@ def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) 
             reason=reason or (f"not exactly prunable: {soft}" if soft else None),
             producers=list(dict.fromkeys(p.name for p in plist)), exact=soft is None,
         ))
-    _attach_members(groups, space, labels, roots, unit_of)
-    return Analysis(gm, space, groups, labels, roots, unit_of)
+    group_of, unit_in = _unit_arrays(len(roots), unit_of)
+    _attach_members(groups, space, labels, roots, group_of, unit_in)
+    return Analysis(gm, space, groups, labels, roots, unit_of, group_of=group_of, unit_in=unit_in)
+
+
+def _unit_arrays(n: int, unit_of: dict[int, tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``unit_of`` as two arrays over roots: group index and unit index (-1 outside groups)."""
+    group_of = torch.full((n,), -1, dtype=torch.long)
+    unit_in = torch.full((n,), -1, dtype=torch.long)
+    if unit_of:
+        roots = torch.tensor(list(unit_of))
+        where = torch.tensor(list(unit_of.values()))
+        group_of[roots], unit_in[roots] = where[:, 0], where[:, 1]
+    return group_of, unit_in
 
 
 def _group_name(plist: list[Producer], used: set[str]) -> str:
@@ -194,18 +216,13 @@ def _group_name(plist: list[Producer], used: set[str]) -> str:
     return name
 
 
-def _attach_members(groups, space, labels, roots, unit_of) -> None:
+def _attach_members(groups, space, labels, roots, group_of, unit_in) -> None:
     def add(kind: str, name: str, dim: int, atoms: torch.Tensor) -> None:
-        r = torch.where(atoms >= 0, roots[atoms.clamp(min=0)], NONE)
-        per_group: dict[int, tuple[list[int], list[int]]] = {}
-        for i, u in enumerate(r.tolist()):
-            if u in unit_of:
-                gi, ui = unit_of[u]
-                idx, units = per_group.setdefault(gi, ([], []))
-                idx.append(i)
-                units.append(ui)
-        for gi, (idx, units) in per_group.items():
-            groups[gi].members.append(GroupMember(kind, name, dim, torch.tensor(idx), torch.tensor(units)))
+        r = torch.where(atoms >= 0, roots[atoms.clamp(min=0)], 0)
+        g = torch.where(atoms >= 0, group_of[r], -1)
+        for gi in torch.unique(g[g >= 0]).tolist():
+            idx = (g == gi).nonzero().flatten()
+            groups[gi].members.append(GroupMember(kind, name, dim, idx, unit_in[r[idx]]))
 
     seen = set()
     for m in space.members:

@@ -60,9 +60,8 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
             plan = resolve(analysis, masks, force_keep=keep)
             warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
                 str(a) for a in report if a.action == "kept"), stacklevel=2)
-    gm = _copy(analysis.gm)
-    fold_constants(gm, folds)
-    slice_parameters(gm, plan)
+    gm = slice_parameters(analysis.gm, plan)
+    fold_constants(gm, folds, plan)
     resize_modules(gm, analysis.gm)
     rewrite_shapes(gm, plan)
     mask_channels(gm, _kept_but_masked(plan))

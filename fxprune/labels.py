@@ -136,8 +136,11 @@ def along(atoms: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
 
 def compress(t: torch.Tensor) -> torch.Tensor:
     """Shrink ``t`` to size 1 along every dimension where its values are constant."""
+    for d in range(t.dim()):  # broadcast dimensions first: free, and they shrink the checks below
+        if t.shape[d] > 1 and t.stride(d) == 0:
+            t = t.narrow(d, 0, 1)
     for d in range(t.dim()):
-        if t.shape[d] > 1 and (t.stride(d) == 0 or bool((t == t.narrow(d, 0, 1)).all())):
+        if t.shape[d] > 1 and bool((t == t.narrow(d, 0, 1)).all()):
             t = t.narrow(d, 0, 1)
     return t
 

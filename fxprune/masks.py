@@ -111,17 +111,18 @@ def _bad_key(key, mask, g, plist, groups, producers) -> str:
 
 
 def _keep_atoms(analysis: Analysis, keep_unit: list[torch.Tensor]) -> torch.Tensor:
-    roots = analysis.roots
-    keep_root = torch.ones(len(roots), dtype=torch.bool)
-    for root, (gi, ui) in analysis.unit_of.items():
-        keep_root[root] = keep_unit[gi][ui]
-    return keep_root[roots]
+    flat = torch.cat(keep_unit) if keep_unit else torch.ones(0, dtype=torch.bool)
+    offsets = torch.tensor([0] + [len(k) for k in keep_unit]).cumsum(0)
+    g, u = analysis.group_of, analysis.unit_in
+    keep_root = torch.where(g >= 0, flat[(offsets[g.clamp(min=0)] + u).clamp(min=0, max=max(len(flat) - 1, 0))], True) \
+        if len(flat) else torch.ones(len(g), dtype=torch.bool)
+    return keep_root[analysis.roots]
 
 
 def _units_of(analysis: Analysis, atoms: torch.Tensor) -> tuple[int, torch.Tensor]:
     """The group of a producer's atoms, and the unit index of each."""
-    found = [analysis.unit_of[int(r)] for r in analysis.roots[atoms]]
-    return found[0][0], torch.tensor([ui for _, ui in found])
+    roots = analysis.roots[atoms]
+    return int(analysis.group_of[roots[0]]), analysis.unit_in[roots]
 
 
 def _producer_masks(analysis, masked_atom, own, by_group) -> dict:

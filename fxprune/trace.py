@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+import copy
+import itertools
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
@@ -59,7 +60,7 @@ def trace(
 ) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` and record ``tensor_meta`` (shape, dtype) on every node.
 
-    Shapes are propagated with fake tensors, so no real arithmetic runs and nothing in ``model``
+    Shapes are propagated on the meta device, so no real arithmetic runs and nothing in ``model``
     changes. RNN and attention modules, and modules named in ``leaf_modules`` (qualified names or
     classes), stay single nodes. Raises :class:`TraceError` naming the module that FX cannot trace.
 
@@ -79,21 +80,23 @@ def trace(
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
-    """Store ``tensor_meta`` on every node of ``gm`` by running it on fake tensors."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in as_tuple(example_inputs)]
-    prop = ShapeProp(gm, fake_mode=mode)
+    """Store ``tensor_meta`` on every node of ``gm`` by running a copy of it on the meta device.
+
+    The copy shares no tensor with ``gm`` and holds no data, so this costs no arithmetic and leaves
+    ``gm`` (and BatchNorm statistics in training mode) untouched.
+    """
+    memo = {id(t): _on_meta(t) for t in itertools.chain(gm.parameters(), gm.buffers())}
+    shadow = copy.deepcopy(gm, memo)
+    inputs = [_on_meta(x) if isinstance(x, torch.Tensor) else x for x in as_tuple(example_inputs)]
     try:
-        prop.propagate(*fake)
+        ShapeProp(shadow).propagate(*inputs)
     except Exception as e:
-        node = getattr(e, "fxprune_node", None) or _failed_node(e)
-        raise TraceError(f"shape propagation failed at node {node}: {type(e).__name__}: {e}") from e
+        raise TraceError(f"shape propagation failed: {type(e).__name__}: {e}") from e
+    for src, dst in zip(shadow.graph.nodes, gm.graph.nodes):
+        if "tensor_meta" in src.meta:
+            dst.meta["tensor_meta"] = src.meta["tensor_meta"]
 
 
-def _failed_node(e: Exception) -> str:
-    # ShapeProp wraps the failing node's exception with a note naming it.
-    for note in getattr(e, "__notes__", []) or []:
-        if "node" in note.lower():
-            return note.strip().splitlines()[0]
-    return "<unknown>"
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta

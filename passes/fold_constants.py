@@ -75,10 +75,11 @@ def _perturbed(inputs: tuple) -> tuple:
 
 
 def dropped_inputs(plan: Plan) -> list[tuple[Any, torch.Tensor]]:
-    """The "in" members that lose channels, with the indices they lose."""
-    out = []
-    for m in plan.analysis.space.members:
-        if m.role == "in":
+    """The "in" members that lose channels which may be non-zero there, with the indices they lose."""
+    analysis, out = plan.analysis, []
+    inputs = {n.name: n.args[0] for n in analysis.gm.graph.nodes if n.args}
+    for m in analysis.space.members:
+        if m.role == "in" and getattr(inputs.get(m.node), "name", None) in analysis.tainted:
             lost = ((m.atoms >= 0) & ~plan.kept(m.atoms)).nonzero().flatten()
             if len(lost):
                 out.append((m, lost))
@@ -136,11 +137,17 @@ def _delta(module: nn.Module, dim: int, lost: torch.Tensor, const: torch.Tensor)
     return w @ const.to(w.dtype)
 
 
-def fold_constants(gm: torch.fx.GraphModule, folds: list[Fold]) -> None:
-    """Add each fold's delta to its module's bias, creating the bias if needed, in place."""
+def fold_constants(gm: torch.fx.GraphModule, folds: list[Fold], plan: Plan) -> None:
+    """Add each fold's delta (over the original output channels) to its module's bias, in place.
+
+    ``gm`` is already sliced: the delta is restricted to the output channels ``plan`` keeps.
+    """
     for fold in folds:
         m = gm.get_submodule(fold.module)
+        weight = plan.analysis.gm.get_submodule(fold.module).weight
+        out = next(x for x in plan.analysis.space.members if x.owner == f"{fold.module}.weight" and x.role == "out")
+        delta = fold.delta[plan.kept(out.atoms)]
         if m.bias is None:
-            m.bias = nn.Parameter(torch.zeros_like(fold.delta), requires_grad=m.weight.requires_grad)
+            m.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=weight.requires_grad)
         with torch.no_grad():
-            m.bias.add_(fold.delta)
+            m.bias.add_(delta)

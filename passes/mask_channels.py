@@ -19,6 +19,8 @@ def zero_point(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
 
 def mask_channels(gm: torch.fx.GraphModule, masks: dict[str, tuple[Producer, torch.Tensor]]) -> None:
     """Multiply each producer's output by its channel mask, in place (out[c] <- out[c] * keep[c])."""
+    if not masks:
+        return
     nodes = {n.name: n for n in gm.graph.nodes}
     for node_name, (producer, mask) in masks.items():
         at = zero_point(gm, nodes[node_name])

@@ -119,17 +119,19 @@ def _narrow(node: torch.fx.Node, shapes: Shapes) -> None:
 
 def rewrite_shapes(gm: torch.fx.GraphModule, plan: Plan) -> None:
     """Rewrite the shape arguments of ``gm``'s nodes for the channels ``plan`` keeps, in place."""
-    shapes = Shapes(plan)
+    shapes, changed = Shapes(plan), False
     for node in gm.graph.nodes:
         if node.name not in plan.analysis.labels or node.op not in ("call_function", "call_method"):
             continue
         fn = REWRITES.get(node.target)
         if fn is not None and _changes(node, shapes):
+            changed = True
             try:
                 fn(node, shapes)
             except Exception as e:
                 raise CompactError(f"cannot rewrite the arguments of node '{node.name}' ({node.format_node()}): {e}") from e
-    gm.recompile()
+    if changed:
+        gm.recompile()
 
 
 def _changes(node: torch.fx.Node, shapes: Shapes) -> bool:

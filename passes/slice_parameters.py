@@ -1,6 +1,9 @@
 """Keep only the surviving channels of every parameter and buffer: W' = W[kept_0][:, kept_1]..."""
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 import torch.fx
 from torch import nn
@@ -18,17 +21,20 @@ def kept_indices(plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
     return out
 
 
-def slice_parameters(gm: torch.fx.GraphModule, plan: Plan) -> None:
-    """Replace each parameter and buffer of ``gm`` that has removed channels by its slice, in place."""
-    for name, dims in kept_indices(plan).items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_path)
-        old = getattr(owner, attr)
-        new = old.detach()
-        for dim, index in sorted(dims.items()):
-            new = new.index_select(dim, index)
-        new = new.clone()
-        if isinstance(old, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+def slice_parameters(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose parameters and buffers hold only the kept channels.
+
+    Every tensor of the copy is new storage; each is written once (sliced, or cloned if whole).
+    """
+    index = kept_indices(plan)
+    memo: dict[int, torch.Tensor] = {}
+    named = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if id(t) in memo:
+            continue
+        new = t.detach()
+        for dim, idx in sorted(index.get(name, {}).items()):
+            new = new.index_select(dim, idx)
+        new = new.clone() if name not in index else new
+        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(gm, memo)

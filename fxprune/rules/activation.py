@@ -1,7 +1,7 @@
 """Element-wise unary ops, dropout, identity and dtype casts: out[i] <- f(x[i]).
 
-A channel keeps its place; a masked channel stays masked (its value becomes f(0), which the
-compaction folds or keeps, see :mod:`fxprune.passes.fold_constants`).
+A channel keeps its place. A masked channel's value becomes f(0): ops with f(0) != 0 say so, and
+the compaction then folds or keeps that value (see :mod:`fxprune.passes.fold_constants`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,24 @@ METHODS = (
 )
 
 
+NONZERO_AT_ZERO = (
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.Threshold,
+    F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.hardtanh, torch.sigmoid, torch.exp,
+    torch.clamp, torch.clip, "sigmoid", "sigmoid_", "exp", "clamp", "clamp_", "clip",
+)
+
+
+def nonzero_at_zero(ctx: RuleContext) -> bool:
+    if ctx.node.op != "call_module":
+        return ctx.node.target in NONZERO_AT_ZERO
+    m = ctx.module
+    return isinstance(m, NONZERO_AT_ZERO[:5]) or (isinstance(m, nn.Hardtanh) and m.min_val > 0)
+
+
 @rule(*MODULES, *FUNCTIONS, *METHODS)
 def elementwise(ctx: RuleContext, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # out[i] <- f(x[i])
+    if nonzero_at_zero(ctx):
+        ctx.taint()
     if ctx.node.op == "call_module" and isinstance(ctx.module, nn.PReLU) and ctx.module.num_parameters > 1:
         ctx.module_member("weight", 0, ctx.space.per_index(x, 1), "channel")
     return same(x)

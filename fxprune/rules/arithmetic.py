@@ -14,9 +14,9 @@ import torch
 from ..labels import NONE, compress
 from .registry import RuleContext, rule
 
-ADD_MUL = (operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
-           torch.add, torch.sub, torch.mul, torch.subtract, torch.multiply,
-           "add", "add_", "sub", "sub_", "mul", "mul_")
+ADD = (operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, torch.subtract,
+       "add", "add_", "sub", "sub_")
+MUL = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_")
 DIV = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide")
 
 
@@ -29,9 +29,12 @@ def broadcast_only(a: torch.Tensor, b: torch.Tensor, a_shape: torch.Size) -> boo
     )
 
 
-@rule(*ADD_MUL, *DIV)
+@rule(*ADD, *MUL, *DIV)
 def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[i] <- a[i] op b[i]
+    additive = ctx.node.target not in DIV + MUL
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if additive:
+            ctx.taint()  # x + 1
         labels = a if isinstance(a, torch.Tensor) else b
         return labels.expand(ctx.out_shape())
     shape = ctx.out_shape()
@@ -43,6 +46,8 @@ def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[
         reason = f"broadcasts against channels of another tensor at {ctx.where}"
         ctx.space.block(a, reason)
         ctx.space.block(b, reason)
+    if (a_alone or b_alone) and additive:
+        ctx.taint()  # x + y[broadcast]: a masked channel of x becomes y
     if a_alone:
         return wb
     if b_alone:

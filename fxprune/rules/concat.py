@@ -9,11 +9,11 @@ import operator
 
 import torch
 
-from ..labels import varies
+from ..labels import compress, varies
 from .registry import RuleContext, compressed, rule, run_on_labels
 
 MOVES = (
-    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split, torch.chunk, torch.unbind,
+    torch.stack, torch.split, torch.chunk, torch.unbind,
     torch.narrow, torch.tensor_split, "split", "chunk", "unbind", "narrow", "tensor_split",
 )
 
@@ -21,6 +21,18 @@ MOVES = (
 @rule(*MOVES)
 def move(ctx: RuleContext, *args, **kwargs):  # positions move, channels follow
     return run_on_labels(ctx, args, kwargs)
+
+
+@rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: RuleContext, tensors, dim: int = 0) -> torch.Tensor:  # out[o_k + i] <- input_k[i]
+    shape = ctx.out_shape()
+    dim %= len(shape)
+    small = [compress(t) for t in tensors]
+    flat = [d for d in range(len(shape)) if d != dim and all(s.shape[d] == 1 for s in small)]
+    parts = list(tensors)
+    for d in flat:  # constant in every input: concatenate one slice, broadcast the rest
+        parts = [t.narrow(d, 0, 1) for t in parts]
+    return torch.cat(parts, dim).expand(shape)
 
 
 def indexed_dims(index: tuple, ndim: int) -> list[tuple[int, object]]:

@@ -10,8 +10,10 @@ from ..labels import NONE, along
 from .registry import RuleContext, rule
 
 
-def pad_labels(ctx: RuleContext, x: torch.Tensor, pad: tuple[int, ...], mode: str) -> torch.Tensor:
+def pad_labels(ctx: RuleContext, x: torch.Tensor, pad: tuple[int, ...], mode: str, value=None) -> torch.Tensor:
     touches_channels = len(pad) // 2 > x.dim() - 2
+    if mode == "constant" and value:
+        ctx.taint()  # a masked channel gets a border of `value`
     if mode == "constant":
         return F.pad(x, pad, value=NONE)
     if touches_channels:
@@ -21,7 +23,7 @@ def pad_labels(ctx: RuleContext, x: torch.Tensor, pad: tuple[int, ...], mode: st
 
 @rule(F.pad)
 def pad(ctx: RuleContext, x: torch.Tensor, pad: tuple[int, ...], mode: str = "constant", value=None):
-    return pad_labels(ctx, x, pad, mode)  # out[.., i + p] <- x[.., i]; new elements belong to no channel
+    return pad_labels(ctx, x, pad, mode, value)  # out[.., i + p] <- x[.., i]; new elements belong to no channel
 
 
 @rule(nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
@@ -31,4 +33,4 @@ def pad_module(ctx: RuleContext, x: torch.Tensor) -> torch.Tensor:
     mode = {"Constant": "constant", "Zero": "constant", "Reflection": "reflect",
             "Replication": "replicate", "Circular": "circular"}
     kind = next(v for k, v in mode.items() if type(m).__name__.startswith(k))
-    return pad_labels(ctx, x, tuple(m.padding), kind)
+    return pad_labels(ctx, x, tuple(m.padding), kind, getattr(m, "value", None))

@@ -56,6 +56,7 @@ def _shaped(merged: torch.Tensor, keep: list[int], dims: list[int], shape: torch
 
 @rule(*SOFTMAX)
 def softmax(ctx: RuleContext, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # out[c] <- e^x[c] / sum e^x
+    ctx.taint()
     if ctx.node.op == "call_module":
         dim = ctx.module.dim if not isinstance(ctx.module, nn.Softmax2d) else -3
     else:

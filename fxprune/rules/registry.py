@@ -57,6 +57,17 @@ class RuleContext:
     space: LabelSpace
     node: torch.fx.Node
     gm: torch.fx.GraphModule
+    tainted: bool = False
+
+    def taint(self) -> None:
+        """This op may turn a zeroed channel into a non-zero value (a shift, sigmoid(0) = 0.5)."""
+        self.tainted = True
+
+    def follows_producer(self) -> bool:
+        """Whether the first input comes straight from a producer that feeds only this node."""
+        x = self.node.args[0] if self.node.args else None
+        return isinstance(x, torch.fx.Node) and len(x.users) == 1 and any(
+            p.node == x.name for p in self.space.producers)
 
     @property
     def module(self) -> nn.Module:
