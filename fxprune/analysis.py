@@ -128,6 +128,8 @@ class _LabelInterpreter(torch.fx.Interpreter):
         if not isinstance(value, torch.Tensor):
             return value
         dims = [d for d, size in enumerate(value.shape) if size > 1]
+        if not value.is_floating_point():
+            return self.space.fixed(value.shape, f"tensor '{n.target}' holds integers (indices, not channels)")
         if not dims:
             return torch.full((1,) * value.dim(), NONE, dtype=torch.long).expand(value.shape)
         if len(dims) > 1:

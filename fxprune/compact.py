@@ -16,7 +16,7 @@ from fxprune.passes.rewrite_shapes import Shapes, rewrite_shapes
 from fxprune.passes.slice_parameters import slice_parameters
 
 from .analysis import Analysis, analyze
-from .errors import CompactError
+from .errors import CompactError, TraceError
 from .masks import Masks, Plan, resolve
 from .trace import propagate_shapes
 
@@ -82,7 +82,10 @@ def _kept_but_masked(plan: Plan) -> dict:
 
 def _verify(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any) -> None:
     """Check that every node of the compact graph has the shape the plan predicts."""
-    propagate_shapes(gm, example_inputs)
+    try:
+        propagate_shapes(gm, example_inputs)
+    except TraceError as e:
+        raise CompactError(f"the compacted graph does not run: {e}") from e
     shapes = Shapes(plan)
     for node in gm.graph.nodes:
         labels = plan.analysis.labels.get(node.name)

@@ -26,6 +26,7 @@ FUNCTIONS = (
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.square,
     torch.clamp, torch.clip, torch.nn.functional.hardshrink,
     operator.neg, operator.pos, operator.abs,
+    "torchvision.ops.stochastic_depth.stochastic_depth",  # x * bernoulli(N, 1, ...) / (1 - p)
 )
 METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "square",

@@ -56,7 +56,7 @@ def getitem(ctx: RuleContext, x, index, *rest):  # out[i] <- x[index(i)]
         index = (slice(None),) * (index % x.dim()) + (rest[0],)
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, torch.Tensor) for i in index):
-        return ctx.boundary(x, f"{ctx.where} indexes channels with a tensor")
+        return ctx.boundary((x, index), f"{ctx.where} indexes with a tensor")
     for dim, entry in indexed_dims(index, x.dim()):
         if isinstance(entry, int) and varies(x, dim):
             ctx.space.block(x.select(dim, entry), f"channel selected by an integer index at {ctx.where}")

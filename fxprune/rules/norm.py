@@ -7,6 +7,7 @@ them changes the others: such channels are not exactly prunable.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..labels import varies
@@ -48,4 +49,29 @@ def group_norm(ctx: RuleContext, x: torch.Tensor) -> torch.Tensor:  # out[c] <- 
     atoms = ctx.space.per_index(x, 1)
     for attr in ("weight", "bias"):
         ctx.module_member(attr, 0, atoms, "channel")
+    return same(x)
+
+
+@rule(F.batch_norm, F.instance_norm)
+def batch_norm_function(ctx: RuleContext, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """F.batch_norm(x, running_mean, running_var, weight, bias): per-channel tensors join x's channels."""
+    ctx.taint()
+    atoms = ctx.space.per_index(x, 1)
+    for t in [*args, *kwargs.values()]:
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) == len(atoms):
+            ctx.space.union(t, atoms)
+    return same(x)
+
+
+@rule(F.layer_norm, F.group_norm)
+def norm_function(ctx: RuleContext, x: torch.Tensor, shape_or_groups, *args, **kwargs) -> torch.Tensor:
+    """F.layer_norm / F.group_norm: normalise across channels; affine tensors join x's channels."""
+    ctx.taint()
+    dim = -1 if ctx.node.target is F.layer_norm else 1
+    if varies(x, dim % x.dim()):
+        ctx.space.mark_inexact(x, f"{ctx.where} normalises over channels")
+    atoms = ctx.space.per_index(x, dim)
+    for t in [*args, *kwargs.values()]:
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) == len(atoms):
+            ctx.space.union(t, atoms)
     return same(x)

@@ -32,13 +32,19 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
 
 
 def find_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
-    """The rule for ``node``: by module class (most derived first), function, or method name."""
+    """The rule for ``node``: by module class (most derived first), function, or method name.
+
+    Functions of optional libraries are registered by qualified name ("package.module.function").
+    """
     if node.op == "call_module":
         for cls in type(gm.get_submodule(node.target)).__mro__:
             if cls in RULES:
                 return RULES[cls]
         return None
-    return RULES.get(node.target)
+    found = RULES.get(node.target)
+    if found is None and callable(node.target):
+        found = RULES.get(f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}")
+    return found
 
 
 def describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
