@@ -1,0 +1,292 @@
+"""Train a small residual CNN, prune its channels by filter magnitude, and compact it.
+
+The pruned model is checked against fxprune's reference semantics (``apply_masks``) on the
+whole test set, then compared with the original for size, FLOPs, CPU latency and accuracy.
+
+    python examples/demo.py                       # MNIST-1D, 1-D ResNet
+    python examples/demo.py --dataset digits      # scikit-learn digits, 2-D ResNet
+    python examples/demo.py --keep 0.25 --finetune 0
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+import fxprune
+from fxprune import data
+
+Masks = dict[str, torch.Tensor]
+TOLERANCE = 1e-4  # largest allowed |apply_masks - compact|, relative to the largest output
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (identity, or a strided 1x1 conv-BN projection)."""
+
+    def __init__(self, conv: type[nn.Module], norm: type[nn.Module], c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = conv(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = norm(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def build_model(spatial_dims: int = 1, in_channels: int = 1, num_classes: int = 10,
+                width: int = 32, blocks: int = 3) -> nn.Sequential:
+    """A small ResNet: stem conv, ``blocks`` identity blocks, one downsampling block (2x width),
+    global average pool and a linear classifier. ``spatial_dims`` is 1 (signals) or 2 (images)."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[spatial_dims]
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[spatial_dims]
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}[spatial_dims]
+    return nn.Sequential(
+        conv(in_channels, width, 5 if spatial_dims == 1 else 3, padding="same", bias=False),
+        norm(width),
+        nn.ReLU(),
+        *[ResidualBlock(conv, norm, width, width) for _ in range(blocks)],
+        ResidualBlock(conv, norm, width, 2 * width, stride=2),
+        pool(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+# --------------------------------------------------------------------------- data and training
+
+
+@dataclass
+class Task:
+    """A named dataset, and the number of spatial dims of the model that fits it."""
+
+    name: str
+    train: TensorDataset
+    test: TensorDataset
+    spatial_dims: int
+
+
+def load_task(name: str) -> Task:
+    """``"mnist1d"`` ((N, 1, 40) signals, generated offline) or ``"digits"`` ((N, 1, 8, 8) images)."""
+    if name == "mnist1d":
+        return Task(name, *data.mnist1d(), spatial_dims=1)
+    if name == "digits":
+        return Task(name, *data.digits(), spatial_dims=2)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(model: nn.Module, dataset: TensorDataset, epochs: int, lr: float = 3e-3,
+          batch_size: int = 128, desc: str = "train") -> nn.Module:
+    """Train ``model`` in place with Adam and cross-entropy (cosine learning-rate decay)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stdout, leave=True, dynamic_ncols=True)
+    for _ in bar:
+        total = 0.0
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(x)
+        bar.set_postfix(loss=f"{total / len(loader.dataset):.3f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: TensorDataset, batch_size: int = 1000) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on the whole of ``dataset``."""
+    model.eval()
+    return torch.cat([model(x) for x, _ in DataLoader(dataset, batch_size=batch_size)])
+
+
+def accuracy(logits: torch.Tensor, dataset: TensorDataset) -> float:
+    """Fraction of samples whose arg-max logit is the label."""
+    return (logits.argmax(1) == dataset.tensors[1]).float().mean().item()
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def unit_scores(group: fxprune.ChannelGroup, model: nn.Module) -> torch.Tensor:
+    """Score each unit of ``group`` by the summed L2 norm of its producers' output filters.
+
+    A producer's output filters are the slices along dim 0 of its ``weight`` (or of the tensor
+    itself, for a parameter used directly); units fed by several producers (e.g. the channels
+    of a residual stream) add up the norms of all their filters.
+    """
+    params = dict(model.named_parameters())
+    filters = {f"{p}.weight" for p in group.producers} | set(group.producers)
+    scores = torch.zeros(group.size)
+    for m in group.members:
+        if m.kind == "param" and m.dim == 0 and m.name in filters and m.name in params:
+            w = params[m.name].detach()[m.index]
+            scores.index_add_(0, m.unit, w.reshape(len(m.index), -1).norm(dim=1))
+    return scores
+
+
+def magnitude_masks(analysis: fxprune.Analysis, model: nn.Module, keep: float) -> Masks:
+    """For every prunable group, keep the ``keep`` fraction (at least one) of highest-scoring units."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    masks = {}
+    for g in analysis.groups:
+        if g.prunable:
+            n = max(1, round(keep * g.size))
+            mask = torch.zeros(g.size, dtype=torch.bool)
+            mask[unit_scores(g, model).topk(n).indices] = True
+            masks[g.name] = mask
+    return masks
+
+
+def max_relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """``max |reference - output|`` divided by ``max |reference|``."""
+    return ((reference - output).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def latencies(models: list[nn.Module], x: torch.Tensor, repeats: int = 30, warmup: int = 5) -> list[float]:
+    """Median seconds per forward pass of each model on ``x``.
+
+    Models are timed in alternation, so load from other processes affects them alike.
+    """
+    for m in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for m, t in zip(models, times):
+            start = time.perf_counter()
+            m(x)
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{before / after:.2f}x" if after else "-"
+
+
+# --------------------------------------------------------------------------- main
+
+
+@dataclass
+class Result:
+    """What :func:`run` produced."""
+
+    model: nn.Module
+    compact: nn.Module
+    analysis: fxprune.Analysis
+    masks: Masks
+    error: float  # max |apply_masks - compact| / max |apply_masks| on the test set
+    cost_before: fxprune.Cost
+    cost_after: fxprune.Cost
+    rows: list[list[str]]
+
+
+def run(task: Task, epochs: int = 10, keep: float = 0.5, seed: int = 0, finetune: int = 0,
+        timing_repeats: int = 30, log: Callable[[str], None] = print) -> Result:
+    """Train, prune by magnitude, compact, check exactness and compare before/after."""
+    seed_everything(seed)
+    model = build_model(task.spatial_dims)
+    x_example = task.test.tensors[0][:1]
+    log(f"dataset {task.name}: {len(task.train)} train / {len(task.test)} test samples of shape "
+        f"{tuple(x_example.shape[1:])}")
+    train(model, task.train, epochs)
+
+    analysis = fxprune.analyze(model, x_example)
+    log("\nchannel groups:\n" + str(analysis) + "\n")
+    masks = magnitude_masks(analysis, model, keep)
+    reference = fxprune.apply_masks(model, masks, x_example, analysis=analysis).eval()
+    small = fxprune.compact(model, masks, x_example, analysis=analysis).eval()
+
+    logits_small = predict(small, task.test)
+    error = max_relative_error(predict(reference, task.test), logits_small)
+    log(f"exactness: max |apply_masks - compact| / max |apply_masks| = {error:.2e} "
+        f"on {len(task.test)} test samples (tolerance {TOLERANCE:.0e})")
+
+    acc_before, acc_after = accuracy(predict(model, task.test), task.test), accuracy(logits_small, task.test)
+    cost_before, cost_after = fxprune.cost(model, x_example), fxprune.cost(small, x_example)
+    x_batch = task.test.tensors[0][:256]
+    lat1 = latencies([model, small], x_example, timing_repeats)
+    lat256 = latencies([model, small], x_batch, max(5, timing_repeats // 3))
+    rows = [
+        ["parameters", f"{cost_before.params:,}", f"{cost_after.params:,}", _ratio(cost_before.params, cost_after.params)],
+        ["FLOPs (batch 1)", f"{cost_before.flops:,}", f"{cost_after.flops:,}", _ratio(cost_before.flops, cost_after.flops)],
+        ["CPU latency, batch 1", _ms(lat1[0]), _ms(lat1[1]), _ratio(*lat1)],
+        ["CPU latency, batch 256", _ms(lat256[0]), _ms(lat256[1]), _ratio(*lat256)],
+        ["test accuracy", f"{acc_before:.2%}", f"{acc_after:.2%}", ""],
+    ]
+    if finetune > 0:
+        train(small, task.train, finetune, lr=1e-3, desc="fine-tune compact")
+        rows.append(["test accuracy after fine-tuning", "", f"{accuracy(predict(small, task.test), task.test):.2%}",
+                     f"({finetune} epochs)"])
+    return Result(model, small, analysis, masks, error, cost_before, cost_after, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=["mnist1d", "digits"], default="mnist1d")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    parser.add_argument("--keep", type=float, default=0.5, help="fraction of each prunable group to keep")
+    parser.add_argument("--finetune", type=int, default=3, help="epochs to fine-tune the compact model (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: stable timings on a shared machine)")
+    args = parser.parse_args(argv)
+    if not 0 < args.keep <= 1:
+        parser.error(f"--keep must be in (0, 1], got {args.keep}")
+    torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    result = run(load_task(args.dataset), args.epochs, args.keep, args.seed, args.finetune)
+    kept = sum(int(m.sum()) for m in result.masks.values())
+    total = sum(len(m) for m in result.masks.values())
+    print(f"\npruned {len(result.masks)} prunable groups by filter magnitude, kept {kept}/{total} channels "
+          f"(--keep {args.keep}); {torch.get_num_threads()} CPU threads\n")
+    print(tabulate(result.rows, ["", "original", "compact", "ratio"], tablefmt="github",
+                   colalign=("left", "right", "right", "right")))
+    print(f"\ntotal time {time.perf_counter() - start:.1f} s")
+    if not result.error < TOLERANCE:
+        print(f"FAILED: compact model differs from apply_masks by {result.error:.2e} (relative)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
