@@ -104,6 +104,11 @@ class _LabelInterpreter(torch.fx.Interpreter):
             for labels in tensors_in(args):
                 self.space.block(labels, OUTPUT_REASON)
             return args[0]
+        if not tensors_in((args, kwargs)) and n.op != "call_module":
+            value = getattr(self, n.op)(n.target, args, kwargs)
+            if tensors_in(value):  # a tensor made from nothing has a fixed shape
+                return fixed_like(self.space, meta, f"created with a fixed shape by {describe(n, self.module)}")
+            return value
         ctx = RuleContext(self.space, n, self.module)
         found = find_rule(n, self.module)
         if found is not None:
@@ -116,11 +121,6 @@ class _LabelInterpreter(torch.fx.Interpreter):
             if not fresh and (ctx.tainted or any(a.name in self.tainted for a in n.all_input_nodes)):
                 self.tainted.add(n.name)
             return out
-        if not tensors_in((args, kwargs)) and n.op != "call_module":
-            value = getattr(self, n.op)(n.target, args, kwargs)
-            if tensors_in(value):  # a tensor made from nothing has a fixed shape
-                return fixed_like(self.space, meta, f"created with a fixed shape by {describe(n, self.module)}")
-            return value
         return ctx.boundary((args, kwargs))
 
     def _attribute(self, n: torch.fx.Node) -> Any:
@@ -136,7 +136,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
             return self.space.fixed(value.shape, f"tensor '{n.target}' is used directly with several dims")
         atoms = self.space.owned(n.target, "out", value.shape[dims[0]])
         self.space.producers.append(Producer(n.name, n.target, dims[0], atoms, "attribute"))
-        self.space.members.append(Member(n.target, dims[0], atoms, "out", n.name))
+        self.space.add_member(Member(n.target, dims[0], atoms, "out", n.name))
         view = [1] * value.dim()
         view[dims[0]] = -1
         return atoms.reshape(view).expand(value.shape)

@@ -60,6 +60,14 @@ class LabelSpace:
     members: list[Member] = field(default_factory=list)
     producers: list[Producer] = field(default_factory=list)
     _owned: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    _dims: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def add_member(self, member: Member) -> None:
+        """Record ``member``; a tensor dimension seen before (a module called twice) is coupled."""
+        seen = self._dims.setdefault((member.owner, member.dim), member.atoms)
+        if seen is not member.atoms and len(seen) == len(member.atoms):
+            self.union(seen, member.atoms)
+        self.members.append(member)
 
     def fresh(self, n: int) -> torch.Tensor:
         """``n`` new atoms."""
@@ -107,8 +115,14 @@ class LabelSpace:
             self.inexact.setdefault(atom, reason)
 
     def per_index(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
-        """One atom per index along ``dim``: everything in a slice is merged into one unit."""
-        small = compress(labels).movedim(dim, 0)
+        """One atom per index along ``dim``: everything in a slice is merged into one unit.
+
+        Along a dimension where the labels do not vary there are no channels: all NONE.
+        """
+        small = compress(labels)
+        if small.shape[dim] == 1 and labels.shape[dim] > 1:
+            return torch.full((labels.shape[dim],), NONE, dtype=torch.long)
+        small = small.movedim(dim, 0)
         small = small.reshape(small.shape[0], -1)
         first = small[:, 0].clone()
         mixed = (small != first[:, None]).any(1).nonzero().flatten().tolist()

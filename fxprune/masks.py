@@ -105,7 +105,7 @@ def _bad_key(key, mask, g, plist, groups, producers) -> str:
         return f"mask '{key}' has {len(mask)} entries; group '{key}' has {g.size} channels"
     if plist:
         return f"mask '{key}' has {len(mask)} entries; module '{key}' produces {len(plist[0].atoms)} channels"
-    close = difflib.get_close_matches(key, list(groups) + list(producers), n=3)
+    close = difflib.get_close_matches(key, list(dict.fromkeys([*groups, *producers])), n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"mask '{key}' names no channel group or producing module{hint}"
 

@@ -83,15 +83,21 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
     """Store ``tensor_meta`` on every node of ``gm`` by running a copy of it on the meta device.
 
     The copy shares no tensor with ``gm`` and holds no data, so this costs no arithmetic and leaves
-    ``gm`` (and BatchNorm statistics in training mode) untouched.
+    ``gm`` (and BatchNorm statistics in training mode) untouched. A graph that reads tensor values
+    (a leaf module with data-dependent control flow) runs on a real copy instead.
     """
     memo = {id(t): _on_meta(t) for t in itertools.chain(gm.parameters(), gm.buffers())}
     shadow = copy.deepcopy(gm, memo)
     inputs = [_on_meta(x) if isinstance(x, torch.Tensor) else x for x in as_tuple(example_inputs)]
     try:
         ShapeProp(shadow).propagate(*inputs)
-    except Exception as e:
-        raise TraceError(f"shape propagation failed: {type(e).__name__}: {e}") from e
+    except Exception:  # a leaf that reads tensor values: run a real copy instead
+        shadow = copy.deepcopy(gm)
+        try:
+            with torch.no_grad():
+                ShapeProp(shadow).propagate(*as_tuple(example_inputs))
+        except Exception as e:
+            raise TraceError(f"shape propagation failed: {type(e).__name__}: {e}") from e
     for src, dst in zip(shadow.graph.nodes, gm.graph.nodes):
         if "tensor_meta" in src.meta:
             dst.meta["tensor_meta"] = src.meta["tensor_meta"]

@@ -19,7 +19,7 @@ from fxprune.masks import Plan
 from fxprune.trace import as_tuple
 
 
-@dataclass
+@dataclass(frozen=True)
 class Adjustment:
     """What happened to a removed channel that was not zero at a consumer."""
 
@@ -115,7 +115,7 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, values: dict[str, torch.Ten
             folds.append(Fold(node.target, _delta(module, m.dim, lost, torch.where(fold, const, 0.0))))
             for i in fold.nonzero().flatten().tolist():
                 report.append(_adjust(analysis, int(roots[i]), node.target, "folded", f"constant {float(const[i]):.4g} into bias"))
-    return keep, folds, report
+    return keep, folds, list(dict.fromkeys(report))
 
 
 def _adjust(analysis, root: int, consumer: str, action: str, detail: str) -> Adjustment:

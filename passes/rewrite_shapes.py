@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.fx
+from torch import nn
 
 from fxprune.errors import CompactError
 from fxprune.labels import compress
@@ -32,7 +33,9 @@ class Shapes:
         dim %= labels.dim()
         if small.shape[dim] == 1:
             return torch.ones(labels.shape[dim], dtype=torch.bool)
-        return self.plan.kept(small).movedim(dim, 0).reshape(small.shape[dim], -1).any(1)
+        rows = small.movedim(dim, 0).reshape(small.shape[dim], -1)
+        kept = (rows >= 0) & self.plan.kept(rows)
+        return kept.any(1) | (rows < 0).all(1)  # an index survives if a channel in it does
 
     def new_shape(self, node: torch.fx.Node) -> list[int]:
         labels = self.plan.analysis.labels[node.name]
@@ -117,11 +120,27 @@ def _narrow(node: torch.fx.Node, shapes: Shapes) -> None:
     node.args = (x, dim, int(kept[:start].sum()), int(kept[start:start + length].sum()))
 
 
+def _unflatten_module(node: torch.fx.Node, shapes: Shapes, gm: torch.fx.GraphModule) -> None:
+    m = gm.get_submodule(node.target)
+    new = shapes.new_shape(node)
+    start = m.dim % len(new)
+    m.unflattened_size = tuple(new[start:start + len(m.unflattened_size)])
+
+
+MODULE_REWRITES = {nn.Unflatten: _unflatten_module}  # modules that hold literal sizes
+
+
 def rewrite_shapes(gm: torch.fx.GraphModule, plan: Plan) -> None:
     """Rewrite the shape arguments of ``gm``'s nodes for the channels ``plan`` keeps, in place."""
     shapes, changed = Shapes(plan), False
     for node in gm.graph.nodes:
-        if node.name not in plan.analysis.labels or node.op not in ("call_function", "call_method"):
+        if node.name not in plan.analysis.labels:
+            continue
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in MODULE_REWRITES:
+            if _changes(node, shapes):
+                MODULE_REWRITES[type(gm.get_submodule(node.target))](node, shapes, gm)
+            continue
+        if node.op not in ("call_function", "call_method"):
             continue
         fn = REWRITES.get(node.target)
         if fn is not None and _changes(node, shapes):

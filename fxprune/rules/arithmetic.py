@@ -33,6 +33,8 @@ def broadcast_only(a: torch.Tensor, b: torch.Tensor, a_shape: torch.Size) -> boo
 def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[i] <- a[i] op b[i]
     additive = ctx.node.target not in DIV + MUL
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if ctx.node.target in DIV and isinstance(b, torch.Tensor):
+            ctx.space.block(b, f"divides by channel values at {ctx.where}")
         if additive:
             ctx.taint()  # x + 1
         labels = a if isinstance(a, torch.Tensor) else b

@@ -12,10 +12,7 @@ import torch
 from ..labels import compress, varies
 from .registry import RuleContext, compressed, rule, run_on_labels
 
-MOVES = (
-    torch.stack, torch.split, torch.chunk, torch.unbind,
-    torch.narrow, torch.tensor_split, "split", "chunk", "unbind", "narrow", "tensor_split",
-)
+MOVES = (torch.split, torch.chunk, torch.narrow, "split", "chunk", "narrow")
 
 
 @rule(*MOVES)
@@ -33,6 +30,24 @@ def cat(ctx: RuleContext, tensors, dim: int = 0) -> torch.Tensor:  # out[o_k + i
     for d in flat:  # constant in every input: concatenate one slice, broadcast the rest
         parts = [t.narrow(d, 0, 1) for t in parts]
     return torch.cat(parts, dim).expand(shape)
+
+
+@rule(torch.stack)
+def stack(ctx: RuleContext, tensors, dim: int = 0) -> torch.Tensor:  # out[k, i] <- input_k[i]
+    for t in tensors[1:]:  # stacked tensors keep equal shapes: position i is one unit in all
+        ctx.space.union(tensors[0], t)
+    return run_on_labels(ctx, (tensors, dim), {})
+
+
+@rule(torch.unbind, "unbind", torch.tensor_split, "tensor_split")
+def split_by_position(ctx: RuleContext, x: torch.Tensor, *args, **kwargs):  # pieces named by position
+    if ctx.node.target in (torch.unbind, "unbind"):
+        dim = kwargs.get("dim", args[0] if args else 0)
+    else:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if varies(x, dim % x.dim()):
+        return ctx.boundary(x, f"{ctx.where} splits channels at fixed positions")
+    return run_on_labels(ctx, (x, *args), kwargs)
 
 
 def indexed_dims(index: tuple, ndim: int) -> list[tuple[int, object]]:
@@ -55,12 +70,16 @@ def getitem(ctx: RuleContext, x, index, *rest):  # out[i] <- x[index(i)]
     if ctx.node.target == "select":
         index = (slice(None),) * (index % x.dim()) + (rest[0],)
     index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, torch.Tensor) for i in index):
-        return ctx.boundary((x, index), f"{ctx.where} indexes with a tensor")
+    if any(isinstance(i, (torch.Tensor, list)) for i in index):
+        return ctx.boundary((x, index), f"{ctx.where} indexes with a tensor or list")
     for dim, entry in indexed_dims(index, x.dim()):
-        if isinstance(entry, int) and varies(x, dim):
+        if not varies(x, dim):
+            continue
+        if isinstance(entry, int):
             ctx.space.block(x.select(dim, entry), f"channel selected by an integer index at {ctx.where}")
-        elif isinstance(entry, slice) and entry.step not in (None, 1) and varies(x, dim):
+        elif isinstance(entry, slice) and entry.step not in (None, 1):
             ctx.space.block(x, f"{ctx.where} slices channels with step {entry.step}")
+        elif isinstance(entry, slice) and len(range(*entry.indices(x.shape[dim]))) == 1:
+            ctx.space.block(x[(slice(None),) * dim + (entry,)], f"one channel sliced out at {ctx.where}")
     return compressed(x[index])
 

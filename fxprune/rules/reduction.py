@@ -35,6 +35,8 @@ def reduced_dims(ctx: RuleContext, x: torch.Tensor, args: tuple, kwargs: dict) -
 @rule(*REDUCTIONS)
 def reduce(ctx: RuleContext, x: torch.Tensor, *args, **kwargs):  # out[c] <- r(x[c, ...]) over the dims
     dims = reduced_dims(ctx, x, args, kwargs)
+    if ctx.node.target in (torch.logsumexp, "logsumexp"):
+        ctx.taint()  # logsumexp(0, ..., 0) = log(n)
     if any(varies(x, d) for d in dims):
         ctx.space.mark_inexact(x, f"{ctx.where} reduces across channels")
     keep = [d for d in range(x.dim()) if d not in dims]
@@ -43,7 +45,8 @@ def reduce(ctx: RuleContext, x: torch.Tensor, *args, **kwargs):  # out[c] <- r(x
     merged = torch.tensor([ctx.space.union_all(row) for row in small.reshape(rest.numel(), -1)]).reshape(rest)
     meta = ctx.node.meta["tensor_meta"]
     if not hasattr(meta, "shape"):  # max/min with a dim return (values, indices)
-        return tuple(_shaped(merged, keep, dims, m.shape) for m in meta)
+        kind = getattr(torch.return_types, getattr(ctx.node.target, "__name__", ctx.node.target))
+        return kind([_shaped(merged, keep, dims, m.shape) for m in meta])
     return _shaped(merged, keep, dims, meta.shape)
 
 

@@ -100,7 +100,7 @@ class RuleContext:
     def member(self, owner: str, dim: int, atoms: torch.Tensor, role: str, input_dim: int | None = None) -> None:
         """Index ``i`` of ``owner`` along ``dim`` belongs to ``atoms[i]`` (for an "in" member, the
         channel at index ``i`` along ``input_dim`` of the node's first input)."""
-        self.space.members.append(Member(owner, dim, atoms, role, self.node.name, input_dim))
+        self.space.add_member(Member(owner, dim, atoms, role, self.node.name, input_dim))
 
     def module_member(self, attr: str, dim: int, atoms: torch.Tensor, role: str) -> None:
         """Like :meth:`member`, for a parameter or buffer of the called module, if it is set."""

@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..labels import along, compress
+from ..labels import along, compress, varies
 from .registry import RuleContext, compressed, rule, run_on_labels
 
 SPLITTING = (torch.reshape, "view", "reshape", torch.unflatten, "unflatten", "view_as", "reshape_as")
 MOVES = (
     torch.flatten, "flatten", torch.permute, "permute", torch.transpose, "transpose", torch.t, "t",
     torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", torch.movedim, "movedim", "swapaxes",
-    torch.swapaxes, "expand", "expand_as", "repeat", torch.flip, "flip", torch.roll, "roll",
-    F.channel_shuffle, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
+    torch.swapaxes, "expand", "expand_as", "repeat", torch.flip, "flip", F.pixel_shuffle, F.pixel_unshuffle,
 )
 
 
@@ -28,7 +27,16 @@ def move(ctx: RuleContext, *args, **kwargs):  # positions move, channels follow
     return run_on_labels(ctx, args, kwargs)
 
 
-@rule(nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
+@rule(F.channel_shuffle, torch.channel_shuffle, nn.ChannelShuffle)
+def channel_shuffle(ctx: RuleContext, x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """(N, C, ...) -> (N, g, C/g, ...) -> transpose -> (N, C, ...), on a grid like its reshapes."""
+    groups = ctx.module.groups if ctx.node.op == "call_module" else groups
+    n, c, *rest = x.shape
+    grid = on_grid(ctx, compressed(x.reshape(n, groups, c // groups, *rest)))
+    return compressed(grid.transpose(1, 2).reshape(x.shape))
+
+
+@rule(nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle)
 def move_module(ctx: RuleContext, x: torch.Tensor) -> torch.Tensor:  # the module only moves elements
     out = compressed(ctx.module(x))
     return on_grid(ctx, out) if isinstance(ctx.module, nn.Unflatten) else out
@@ -46,3 +54,12 @@ def on_grid(ctx: RuleContext, out: torch.Tensor) -> torch.Tensor:
         return out
     keep = max(varying, key=lambda d: out.shape[d])
     return along(ctx.space.per_index(out, keep), keep, out.shape)
+
+
+@rule(torch.roll, "roll")
+def roll(ctx: RuleContext, x: torch.Tensor, shifts, dims=None) -> torch.Tensor:  # out[i + k] <- x[i]
+    """Rolling along channels by k is a different permutation once channels are removed."""
+    rolled = range(x.dim()) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    if any(varies(x, d % x.dim()) for d in rolled):
+        return ctx.boundary(x, f"{ctx.where} rolls channels")
+    return run_on_labels(ctx, (x, shifts) if dims is None else (x, shifts, dims), {})
