@@ -83,7 +83,7 @@ def _kept_but_masked(plan: Plan) -> dict:
 def _verify(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any) -> None:
     """Check that every node of the compact graph has the shape the plan predicts."""
     try:
-        propagate_shapes(gm, example_inputs)
+        propagate_shapes(gm, example_inputs, owned=True)
     except TraceError as e:
         raise CompactError(f"the compacted graph does not run: {e}") from e
     shapes = Shapes(plan)

@@ -14,9 +14,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from networkx.utils import UnionFind
 
 NONE = -1  # an element that belongs to no channel (padding, constants)
+
+
+class AtomUnionFind:
+    """Union-find over consecutive integer atoms (path halving, union by smaller id)."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> None:
+        self.parent.extend(range(len(self.parent), len(self.parent) + n))
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, *atoms: int) -> None:
+        roots = {self.find(a) for a in atoms}
+        keep = min(roots)
+        for r in roots:
+            self.parent[r] = keep
+
+    def roots(self) -> torch.Tensor:
+        """The representative of every atom, by pointer jumping over the whole array."""
+        parent = torch.tensor(self.parent, dtype=torch.long)
+        while True:
+            up = parent[parent]
+            if torch.equal(up, parent):
+                return parent
+            parent = up
 
 
 @dataclass
@@ -53,7 +84,7 @@ class Producer:
 class LabelSpace:
     """Atoms, their union-find, and what the analysis learned about them."""
 
-    uf: UnionFind = field(default_factory=UnionFind)
+    uf: AtomUnionFind = field(default_factory=AtomUnionFind)
     count: int = 0
     blocked: dict[int, str] = field(default_factory=dict)
     inexact: dict[int, str] = field(default_factory=dict)
@@ -73,6 +104,7 @@ class LabelSpace:
         """``n`` new atoms."""
         atoms = torch.arange(self.count, self.count + n)
         self.count += n
+        self.uf.add(n)
         return atoms
 
     def owned(self, owner: str, key: str, n: int) -> torch.Tensor:
@@ -132,7 +164,7 @@ class LabelSpace:
 
     def roots(self) -> torch.Tensor:
         """``roots[atom]`` is the representative atom of its unit."""
-        return torch.tensor([self.uf[a] for a in range(self.count)], dtype=torch.long)
+        return self.uf.roots()
 
 
 def atoms_in(labels: torch.Tensor) -> list[int]:

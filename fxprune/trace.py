@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+import contextlib
 import copy
 import itertools
 from typing import Any
@@ -79,19 +80,24 @@ def trace(
     return gm
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
-    """Store ``tensor_meta`` on every node of ``gm`` by running a copy of it on the meta device.
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool = False) -> None:
+    """Store ``tensor_meta`` on every node of ``gm`` by running it with meta-device tensors.
 
-    The copy shares no tensor with ``gm`` and holds no data, so this costs no arithmetic and leaves
-    ``gm`` (and BatchNorm statistics in training mode) untouched. A graph that reads tensor values
-    (a leaf module with data-dependent control flow) runs on a real copy instead.
+    No arithmetic runs and no data is allocated. Unless ``owned`` (``gm`` is fxprune's own, so its
+    tensors may be swapped for meta ones while it runs), a copy runs instead, so ``gm`` and the model
+    it shares modules with (BatchNorm statistics in training mode included) are untouched. A graph
+    that reads tensor values (a leaf module with data-dependent control flow) runs on a real copy.
     """
-    memo = {id(t): _on_meta(t) for t in itertools.chain(gm.parameters(), gm.buffers())}
-    shadow = copy.deepcopy(gm, memo)
     inputs = [_on_meta(x) if isinstance(x, torch.Tensor) else x for x in as_tuple(example_inputs)]
     try:
+        if owned:
+            with _tensors_on_meta(gm):
+                ShapeProp(gm).propagate(*inputs)
+            return
+        memo = {id(t): _on_meta(t) for t in itertools.chain(gm.parameters(), gm.buffers())}
+        shadow = copy.deepcopy(gm, memo)
         ShapeProp(shadow).propagate(*inputs)
-    except Exception:  # a leaf that reads tensor values: run a real copy instead
+    except Exception:
         shadow = copy.deepcopy(gm)
         try:
             with torch.no_grad():
@@ -101,6 +107,23 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
     for src, dst in zip(shadow.graph.nodes, gm.graph.nodes):
         if "tensor_meta" in src.meta:
             dst.meta["tensor_meta"] = src.meta["tensor_meta"]
+
+
+@contextlib.contextmanager
+def _tensors_on_meta(gm: torch.fx.GraphModule):
+    """Swap every parameter and buffer of ``gm`` for a meta tensor, and back afterwards."""
+    saved = []
+    for m in gm.modules():
+        for table in (m._parameters, m._buffers):
+            for k, t in table.items():
+                if t is not None:
+                    saved.append((table, k, t))
+                    table[k] = _on_meta(t)
+    try:
+        yield
+    finally:
+        for table, k, t in saved:
+            table[k] = t
 
 
 def _on_meta(t: torch.Tensor) -> torch.Tensor:
