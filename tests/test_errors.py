@@ -67,9 +67,6 @@ def test_unknown_key_without_close_names(fn):
         fn(Net(), {"zzz": keep(8, 1)}, X)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: masks._bad_key suggests from group names + producer names without deduplicating: "
-    "\"did you mean 'conv1', 'conv1', 'conv2'?\""))
 def test_close_name_suggestions_are_distinct():
     with pytest.raises(fxprune.MaskError) as err:
         fxprune.compact(Net(), {"conv_1": keep(8, 1)}, X)
@@ -240,10 +237,6 @@ def test_untraceable_module_as_leaf_becomes_a_boundary():
     assert an.group("c").reason == "reaches the model output"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG/limitation: the TraceError hint tells the user to name a data-dependent module in leaf_modules, but "
-    "shape propagation then runs it on meta tensors and fails ('Tensor.item() cannot be called on meta "
-    "tensors'), so the suggested remedy never works for `if x.sum() > 0`"))
 def test_data_dependent_module_as_leaf_follows_the_hint():
     an = fxprune.analyze(Outer(), X, leaf_modules=["block.1"])
     assert "DataDependent module 'block.1'" in an.group("conv").reason
