@@ -62,7 +62,7 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
                 str(a) for a in report if a.action == "kept"), stacklevel=2)
     gm = slice_parameters(analysis.gm, plan)
     fold_constants(gm, folds, plan)
-    resize_modules(gm, analysis.gm)
+    resize_modules(gm, analysis.gm, Shapes(plan))
     rewrite_shapes(gm, plan)
     mask_channels(gm, _kept_but_masked(plan))
     _verify(gm, plan, example_inputs)

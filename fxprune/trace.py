@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import contextlib
 import copy
+import io
 import itertools
 from typing import Any
 
@@ -92,21 +93,28 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool 
     try:
         if owned:
             with _tensors_on_meta(gm):
-                ShapeProp(gm).propagate(*inputs)
+                _run_shape_prop(gm, inputs)
             return
         memo = {id(t): _on_meta(t) for t in itertools.chain(gm.parameters(), gm.buffers())}
         shadow = copy.deepcopy(gm, memo)
-        ShapeProp(shadow).propagate(*inputs)
+        _run_shape_prop(shadow, inputs)
     except Exception:
         shadow = copy.deepcopy(gm)
         try:
             with torch.no_grad():
-                ShapeProp(shadow).propagate(*as_tuple(example_inputs))
+                _run_shape_prop(shadow, as_tuple(example_inputs))
         except Exception as e:
-            raise TraceError(f"shape propagation failed: {type(e).__name__}: {e}") from e
+            cause = e.__cause__ or e
+            node = str(e).partition("node=")[2].partition(" with meta=")[0] or "?"
+            raise TraceError(f"shape propagation failed at {node}: {type(cause).__name__}: {cause}") from e
     for src, dst in zip(shadow.graph.nodes, gm.graph.nodes):
         if "tensor_meta" in src.meta:
             dst.meta["tensor_meta"] = src.meta["tensor_meta"]
+
+
+def _run_shape_prop(gm: torch.fx.GraphModule, inputs) -> None:
+    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it raises
+        ShapeProp(gm).propagate(*inputs)
 
 
 @contextlib.contextmanager

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.fx
 from torch import nn
 
-RESIZERS: dict[type, Callable[[nn.Module, nn.Module], None]] = {}
+from .rewrite_shapes import Shapes
+
+RESIZERS: dict[type, Callable[[nn.Module, nn.Module, list[int]], None]] = {}
 
 
 def resizer(*classes: type):
-    """Register how a module class recomputes its attributes (``old`` is the module before)."""
+    """Register how a module class recomputes its attributes.
+
+    A resizer gets the module, the module before compaction, and the new shape of its input.
+    """
 
     def register(fn):
         for cls in classes:
@@ -21,7 +27,7 @@ def resizer(*classes: type):
 
 
 @resizer(nn.modules.conv._ConvNd)
-def _conv(m, old) -> None:  # grouped convs lose whole groups; channels per group stay
+def _conv(m, old, in_shape) -> None:  # grouped convs lose whole groups; channels per group stay
     outer, inner = m.weight.shape[:2]  # (out, in/groups) or, transposed, (in, out/groups)
     per_group = (old.in_channels if m.transposed else old.out_channels) // old.groups
     m.groups = outer // per_group if old.groups > 1 else 1
@@ -32,43 +38,46 @@ def _conv(m, old) -> None:  # grouped convs lose whole groups; channels per grou
 
 
 @resizer(nn.Linear)
-def _linear(m, old) -> None:
+def _linear(m, old, in_shape) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
 @resizer(nn.modules.batchnorm._NormBase)
-def _norm(m, old) -> None:
-    tensor = m.weight if m.weight is not None else m.running_mean
-    if tensor is not None:
-        m.num_features = tensor.shape[0]
+def _norm(m, old, in_shape) -> None:
+    m.num_features = in_shape[1]
 
 
 @resizer(nn.LayerNorm)
-def _layer_norm(m, old) -> None:
+def _layer_norm(m, old, in_shape) -> None:
     if m.weight is not None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
 @resizer(nn.GroupNorm)
-def _group_norm(m, old) -> None:
+def _group_norm(m, old, in_shape) -> None:
     if m.weight is not None:
         m.num_channels = m.weight.shape[0]
 
 
 @resizer(nn.Embedding)
-def _embedding(m, old) -> None:
+def _embedding(m, old, in_shape) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 @resizer(nn.PReLU)
-def _prelu(m, old) -> None:
+def _prelu(m, old, in_shape) -> None:
     m.num_parameters = m.weight.numel()
 
 
-def resize_modules(gm: torch.fx.GraphModule, before: torch.fx.GraphModule) -> None:
-    """Update the attributes of every resizable module of ``gm``, in place."""
-    for name, m in gm.named_modules():
+def resize_modules(gm: torch.fx.GraphModule, before: torch.fx.GraphModule, shapes: Shapes) -> None:
+    """Update the attributes of every called, resizable module of ``gm``, in place."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        m = gm.get_submodule(node.target)
         for cls in type(m).__mro__:
             if cls in RESIZERS:
-                RESIZERS[cls](m, before.get_submodule(name))
+                x = node.args[0]
+                in_shape = shapes.new_shape(x) if isinstance(shapes.labels(x), torch.Tensor) else None
+                RESIZERS[cls](m, before.get_submodule(node.target), in_shape)
                 break

@@ -26,6 +26,10 @@ class Shapes:
     def __init__(self, plan: Plan):
         self.plan = plan
 
+    def labels(self, node: torch.fx.Node):
+        """The analysis' labels of ``node``'s output (None for a node added since)."""
+        return self.plan.analysis.labels.get(node.name)
+
     def kept(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
         """Which indices along ``dim`` of ``node``'s output survive."""
         labels = self.plan.analysis.labels[node.name]

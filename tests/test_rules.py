@@ -272,10 +272,6 @@ def cases(table_: dict[str, Case | Any]) -> list:
     return [v if not isinstance(v, Case) else pytest.param(v, id=k) for k, v in table_.items()]
 
 
-def bug(case: Case, id: str, reason: str):
-    return pytest.param(case, id=id, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
 def img(*shape: int) -> Callable[[], torch.Tensor]:
     return lambda: torch.randn(*shape)
 
@@ -466,12 +462,8 @@ NORM = {
         conv_norm(nn.InstanceNorm2d(8, affine=True)), X, PER_CHANNEL, {"a": keep(8, 2)},
         shapes={"n.weight": (7,), "n.bias": (7,)}, attrs={"n.num_features": 7},
     ),
-    "instancenorm2d-plain": bug(
-        Case(conv_norm(nn.InstanceNorm2d(8)), X, PER_CHANNEL, {"a": keep(8, 2)}, attrs={"n.num_features": 7}),
-        "instancenorm2d-plain",
-        "BUG: resize_modules._norm leaves num_features of an InstanceNorm without weight or running stats "
-        "unchanged (8 after pruning to 7; torch warns 'input's size at dim=1 does not match num_features')",
-    ),
+    "instancenorm2d-plain": Case(
+        conv_norm(nn.InstanceNorm2d(8)), X, PER_CHANNEL, {"a": keep(8, 2)}, attrs={"n.num_features": 7}),
     "layernorm-over-channels": Case(
         lambda: seq(a=nn.Linear(10, 16), n=nn.LayerNorm(16), c=nn.Linear(16, 3)), img(4, 10),
         {"a": (16, False), "c": (3, False)},
