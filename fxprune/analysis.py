@@ -135,7 +135,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
         if len(dims) > 1:
             return self.space.fixed(value.shape, f"tensor '{n.target}' is used directly with several dims")
         atoms = self.space.owned(n.target, "out", value.shape[dims[0]])
-        self.space.producers.append(Producer(n.name, n.target, dims[0], atoms, "attribute"))
+        self.space.add_producer(Producer(n.name, n.target, dims[0], atoms, "attribute"))
         self.space.add_member(Member(n.target, dims[0], atoms, "out", n.name))
         view = [1] * value.dim()
         view[dims[0]] = -1

@@ -92,6 +92,12 @@ class LabelSpace:
     producers: list[Producer] = field(default_factory=list)
     _owned: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _dims: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    producer_nodes: set[str] = field(default_factory=set)
+
+    def add_producer(self, producer: Producer) -> None:
+        """Record a node whose output creates channels."""
+        self.producers.append(producer)
+        self.producer_nodes.add(producer.node)
 
     def add_member(self, member: Member) -> None:
         """Record ``member``; a tensor dimension seen before (a module called twice) is coupled."""
@@ -149,10 +155,11 @@ class LabelSpace:
     def per_index(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
         """One atom per index along ``dim``: everything in a slice is merged into one unit.
 
-        Along a dimension where the labels do not vary there are no channels: all NONE.
+        Along a dimension where the labels do not vary but vary along another one (a Linear over
+        the width of an (N, C, H, W) tensor), the indices are not channels: all NONE.
         """
         small = compress(labels)
-        if small.shape[dim] == 1 and labels.shape[dim] > 1:
+        if small.shape[dim] == 1 and labels.shape[dim] > 1 and small.numel() > 1:
             return torch.full((labels.shape[dim],), NONE, dtype=torch.long)
         small = small.movedim(dim, 0)
         small = small.reshape(small.shape[0], -1)

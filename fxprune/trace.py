@@ -102,7 +102,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool 
         shadow = copy.deepcopy(gm)
         try:
             with torch.no_grad():
-                _run_shape_prop(shadow, as_tuple(example_inputs))
+                _run_shape_prop(shadow, as_tuple(example_inputs), on_meta=False)
         except Exception as e:
             cause = e.__cause__ or e
             node = str(e).partition("node=")[2].partition(" with meta=")[0] or "?"
@@ -112,9 +112,31 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool 
             dst.meta["tensor_meta"] = src.meta["tensor_meta"]
 
 
-def _run_shape_prop(gm: torch.fx.GraphModule, inputs) -> None:
+class _MetaShapeProp(ShapeProp):
+    """ShapeProp on meta tensors that skips ops whose output is shaped like their input."""
+
+    def call_module(self, target, args, kwargs):
+        from .rules import activation
+
+        if isinstance(self.fetch_attr(target), (*activation.MODULES, nn.modules.batchnorm._BatchNorm)):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        from .rules import activation, arithmetic
+
+        if target in activation.FUNCTIONS and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if target in arithmetic.ADD + arithmetic.MUL and len(args) == 2 and all(
+                isinstance(a, torch.Tensor) for a in args) and args[0].shape == args[1].shape \
+                and args[0].dtype == args[1].dtype:
+            return args[0]
+        return super().call_function(target, args, kwargs)
+
+
+def _run_shape_prop(gm: torch.fx.GraphModule, inputs, on_meta: bool = True) -> None:
     with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it raises
-        ShapeProp(gm).propagate(*inputs)
+        (_MetaShapeProp if on_meta else ShapeProp)(gm).propagate(*inputs)
 
 
 @contextlib.contextmanager

@@ -263,8 +263,14 @@ class SpecNet(nn.Module):
     def __init__(self, specs: tuple):
         super().__init__()
         self.specs = specs
-        for name, m in named_modules(specs).items():
-            self.add_module(name, m)
+        for name, m in named_modules(specs).items():  # qualified names: "s2.res5.conv7"
+            *path, leaf = name.split(".")
+            owner = self
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.add_module(leaf, m)
 
     def forward(self, x):
         return self._seq(self.specs, x)
@@ -276,7 +282,7 @@ class SpecNet(nn.Module):
 
     def _run(self, s, x):
         if isinstance(s, LEAVES):
-            return getattr(self, s.name)(x)
+            return self.get_submodule(s.name)(x)
         if isinstance(s, Residual):
             a, b = self._seq(s.shortcut, x), self._seq(s.body, x)
             return a + b if s.shortcut_first else b + a
@@ -289,13 +295,13 @@ class SpecNet(nn.Module):
                 return outs[0] + outs[1]
             return torch.cat([outs[i] for i in s.order], 1)
         if isinstance(s, SE):
-            g = x.mean((2, 3), keepdim=True) if s.pool == "mean" else getattr(self, s.pool_name)(x)
-            g = getattr(self, s.expand.name)(getattr(self, s.act.name)(getattr(self, s.reduce.name)(g)))
+            g = x.mean((2, 3), keepdim=True) if s.pool == "mean" else self.get_submodule(s.pool_name)(x)
+            g = self.get_submodule(s.expand.name)(self.get_submodule(s.act.name)(self.get_submodule(s.reduce.name)(g)))
             g = torch.sigmoid(g) if s.gate == "sigmoid" else F.hardsigmoid(g)
             return x * g
         if isinstance(s, Shuffle):
             if s.style == "module":
-                return getattr(self, s.name)(x)
+                return self.get_submodule(s.name)(x)
             if s.style == "functional":
                 return torch.channel_shuffle(x, s.groups)
             if s.style == "literal":
@@ -308,7 +314,7 @@ class SpecNet(nn.Module):
             return x[:, s.start:s.stop]
         if isinstance(s, Head):
             if s.pool in ("avg", "max"):
-                x = getattr(self, s.pool_name)(x)
+                x = self.get_submodule(s.pool_name)(x)
             elif s.pool == "mean":
                 x = x.mean((2, 3))
             if s.flatten == "torch":
@@ -318,7 +324,7 @@ class SpecNet(nn.Module):
             elif s.flatten == "view":
                 x = x.reshape(s.n, s.features)
             else:
-                x = getattr(self, s.flatten_name)(x)
+                x = self.get_submodule(s.flatten_name)(x)
             return self._seq(s.linears, x)
         raise TypeError(f"unknown spec {s!r}")
 
@@ -379,9 +385,11 @@ class ModelSpec:
 class _Builder:
     """Draws blocks while tracking the (C, H, W) of the running tensor."""
 
-    def __init__(self, draw, n: int):
+    def __init__(self, draw, n: int, shuffle_styles=SHUFFLE_STYLES):
         self.draw = draw
         self.n = n
+        self.shuffle_styles = shuffle_styles
+        self.prefix = ""  # modules live in nested containers, so that names have dots
         self.count = 0
         # While the running tensor may still hold the model input's (fixed) channels, no grouped
         # or depthwise convs: fxprune wrongly lets their groups be pruned (see test_properties.py).
@@ -389,7 +397,7 @@ class _Builder:
 
     def name(self, kind: str) -> str:
         self.count += 1
-        return f"{kind}{self.count}"
+        return f"{self.prefix}{kind}{self.count}"
 
     def ints(self, lo: int, hi: int) -> int:
         return self.draw(st.integers(lo, max(lo, hi)))
@@ -474,9 +482,9 @@ class _Builder:
             return specs, c * mult, h, w
         if kind == "shuffle":
             g = self.pick([g for g in (2, 4) if c % g == 0])
-            # "computed" with c // g <= g is left out: compact rewrites the literal g of the view but
-            # not the c // g computed from it (see test_properties.py).
-            styles = [st_ for st_ in SHUFFLE_STYLES if st_ != "computed" or c // g > g]
+            # Only "literal" when c // g <= g: the units then run along the groups dim, and compact
+            # does not rewrite a groups count that is not a literal view size (see test_properties.py).
+            styles = [s for s in self.shuffle_styles if s == "literal" or c // g > g] or ["literal"]
             return [Shuffle(g, self.pick(styles), self.name("shuffle"), self.n, c, h, w)], c, h, w
         if kind == "slice":
             start = self.ints(0, c - 1)
@@ -511,7 +519,10 @@ class _Builder:
     def residual(self, c, h, w, depth, same):
         stride = 1 if same or min(h, w) < 4 else self.pick((1, 1, 2))
         cout = c if stride == 1 and self.flag(0.6) else self.channels()
+        outer = self.prefix
+        self.prefix = f"{outer}res{self.count}."
         body, h2, w2 = self.body(c, cout, h, w, depth, stride=stride, force_conv=stride != 1)
+        self.prefix = outer
         shortcut = ()
         if cout != c or stride != 1 or self.flag(0.2):
             proj = [Conv(self.name("proj"), c, cout, 1, stride, 0, self.flag(0.3))]
@@ -522,8 +533,11 @@ class _Builder:
 
     def cat(self, c, h, w, depth):
         branches, total = [], 0
-        for _ in range(self.ints(2, 3)):
-            if self.flag(0.25):
+        n = self.ints(2, 3)
+        for i in range(n):
+            # Not only identity branches of a single channel: a grouped conv reading such a cat
+            # (every channel the same unit) is mishandled by fxprune (see test_properties.py).
+            if self.flag(0.25) and not (c == 1 and i == n - 1 and all(b == () for b in branches)):
                 branches.append(())
                 total += c
             else:
@@ -579,13 +593,13 @@ class _Builder:
 
 
 @st.composite
-def model_specs(draw, max_blocks: int = 5, max_depth: int = 2) -> ModelSpec:
+def model_specs(draw, max_blocks: int = 5, max_depth: int = 2, shuffle_styles=SHUFFLE_STYLES) -> ModelSpec:
     """A random small CNN (see the module docstring) as a :class:`ModelSpec`."""
     n = draw(st.integers(1, 2))
     c = draw(st.integers(1, 4))
     h = draw(st.integers(4, MAX_HW))
     w = draw(st.integers(4, MAX_HW))
-    b = _Builder(draw, n)
+    b = _Builder(draw, n, shuffle_styles)
     blocks = []
     cc, hh, ww = c, h, w
     if b.flag(0.8):  # usually a stem conv, so the channels after it are prunable
@@ -594,12 +608,14 @@ def model_specs(draw, max_blocks: int = 5, max_depth: int = 2) -> ModelSpec:
         cc = specs[0].cout
     else:
         b.input_channels = True
-    for _ in range(draw(st.integers(1, max_blocks))):
+    for i in range(draw(st.integers(1, max_blocks))):
+        b.prefix = f"s{i}." if b.flag(0.5) else ""
         specs, cc, hh, ww = b.block(cc, hh, ww, max_depth, same=False)
         blocks += specs
         if isinstance(specs[0], (Conv, ConvT)):
             b.input_channels = False
     if b.flag(0.9):
+        b.prefix = "head." if b.flag(0.5) else ""
         head, out_shape = b.head(cc, hh, ww)
         blocks.append(head)
     else:

@@ -72,8 +72,7 @@ class RuleContext:
     def follows_producer(self) -> bool:
         """Whether the first input comes straight from a producer that feeds only this node."""
         x = self.node.args[0] if self.node.args else None
-        return isinstance(x, torch.fx.Node) and len(x.users) == 1 and any(
-            p.node == x.name for p in self.space.producers)
+        return isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.name in self.space.producer_nodes
 
     @property
     def module(self) -> nn.Module:
@@ -94,7 +93,7 @@ class RuleContext:
         atoms = self.space.owned(owner, "out", n)
         shape = self.out_shape()
         dim = dim % len(shape)
-        self.space.producers.append(Producer(self.node.name, name or self.node.target, dim, atoms))
+        self.space.add_producer(Producer(self.node.name, name or self.node.target, dim, atoms))
         return along(atoms, dim, shape)
 
     def member(self, owner: str, dim: int, atoms: torch.Tensor, role: str, input_dim: int | None = None) -> None:
