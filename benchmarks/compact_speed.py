@@ -1,0 +1,799 @@
+#!/usr/bin/env python
+"""Time and memory of ``fxprune.analyze`` + ``fxprune.compact``, side by side with Torch-Pruning.
+
+Every model has ~30% of the channels of each prunable fxprune group removed (lowest L1 filter
+magnitude, or random with a fixed seed). Torch-Pruning (if importable) removes exactly the same
+channels: for each fxprune group, one producing layer is the root of
+``DG.get_pruning_group(layer, prune_out_channels, idxs)`` and ``group.prune()`` follows the
+coupling to the rest of the group. The two pruned models' parameter shapes and outputs on the
+example input are compared, which checks that both removed the same channels (outputs differ where
+``compact`` folds a removed channel's constant into a consumer's bias and Torch-Pruning drops it).
+
+Models: torchvision resnet18, resnet50, mobilenet_v2, densenet121 (weights=None, 1x3x224x224) and a
+synthetic residual network of N blocks (16 channels, 1x16x8x8) for N in --blocks, to show how time
+grows with the number of graph nodes.
+
+Method
+------
+Each (model, tool) pair runs in its own fresh subprocess:
+
+1. build the model (``torch.manual_seed(0)``, so both tools see the same weights) and choose the
+   channels to remove (this runs ``fxprune.analyze`` once, untimed);
+2. one full untimed warm-up run of the tool on the model (loads lazy imports, fills caches);
+3. ``gc.collect()`` and glibc ``malloc_trim(0)``, read the resident set size (RSS) as the
+   baseline, reset the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``), run the
+   tool once, and read ``VmHWM`` from ``/proc/self/status``: peak memory = VmHWM - baseline. This
+   counts every allocation of the process (Python objects, torch's CPU allocator, malloc), not
+   only Python's. Where clear_refs is unavailable a 1 ms RSS-sampling thread is used instead;
+4. more runs, for timing, until ``--repeats`` runs are done or ``--budget`` seconds have been
+   spent; the table shows the best (minimum) run, the estimate least disturbed by other load.
+
+Times are CPU seconds of the measuring process (``time.process_time``) with one torch thread by
+default (``--clock wall`` shows wall-clock seconds; ``--threads`` sets the torch threads): on a
+shared machine whose other work comes and goes, wall-clock times of the same run vary several-fold,
+CPU time much less. Both clocks are kept in the ``--json`` output.
+
+Torch-Pruning prunes its model in place, so every run gets a ``copy.deepcopy`` made before the
+baseline and the timer; ``fxprune.compact`` never mutates its input and returns a new model, whose
+memory is part of its peak.
+
+The memory reference is parameter (and buffer) bytes plus one forward pass's activations: the
+bytes of every node output of the traced graph (the model input included, in-place ops not
+counted twice), i.e. what a forward pass with autograd keeps alive at batch size 1.
+
+Usage::
+
+    python benchmarks/compact_speed.py            # full run, writes docs/benchmarks.md + PNG
+    python benchmarks/compact_speed.py --quick    # resnet18 + 50-block synthetic only
+    python benchmarks/compact_speed.py --profile  # cProfile fxprune on resnet50 and 500 blocks
+
+Torch-Pruning is a benchmark-only dependency: ``pip install --no-deps torch-pruning==1.6.1``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "compact_speed.png"
+SECTION = "## analyze + compact speed"
+TV_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121"]
+BLOCKS = [50, 100, 200, 500]
+TP_VERSION = "1.6.1"
+LOAD_AT_START: tuple[float, float, float] | None = None
+LINEAR_SLOPE = 1.10  # log-log slope of time vs node count accepted as linear growth
+TP_INSTALL = f"pip install --no-deps torch-pruning=={TP_VERSION}"
+
+
+# --------------------------------------------------------------------------- models
+
+def synthetic_resnet(blocks: int, channels: int = 16):
+    """Stem conv, ``blocks`` residual blocks (conv-bn-relu-conv-bn + skip, relu), pool, linear."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(x + self.bn2(self.conv2(y)))
+
+    class SyntheticResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(channels)
+            self.blocks = nn.Sequential(*[Block(channels) for _ in range(blocks)])
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(channels, 10)
+
+        def forward(self, x):
+            x = self.blocks(torch.relu(self.bn(self.stem(x))))
+            return self.fc(torch.flatten(self.pool(x), 1))
+
+    return SyntheticResNet()
+
+
+def build(name: str):
+    """The model called ``name`` (eval mode, seeded weights) and its example input."""
+    import torch
+
+    torch.manual_seed(0)
+    if name.startswith("synthetic-"):
+        model = synthetic_resnet(int(name.split("-")[1]))
+        x = torch.randn(1, 16, 8, 8)
+    else:
+        from fxprune.zoo import torchvision_models
+
+        model = getattr(torchvision_models(), name)(weights=None)
+        x = torch.randn(1, 3, 224, 224)
+    # Non-trivial BatchNorm statistics, so that a wrongly removed channel shows in the outputs.
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval(), x
+
+
+# --------------------------------------------------------------------------- channel choice
+
+def choose_masks(analysis, ratio: float, criterion: str, seed: int) -> dict:
+    """Keep-masks removing ``round(ratio * size)`` channels of every prunable group.
+
+    "l1": a unit's score is the L1 norm of its producers' output filters (summed over the
+    producers of the group); the lowest-scoring units go. "random": a seeded random choice.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        n_drop = min(int(round(ratio * g.size)), g.size - 1)
+        if n_drop <= 0:
+            continue
+        score = torch.zeros(g.size, dtype=torch.float64)
+        weights = {f"{p}.weight" for p in g.producers}
+        found = False
+        if criterion == "l1":
+            for m in g.members:
+                if m.kind == "param" and m.name in weights:
+                    w = analysis.gm.get_parameter(m.name).detach()
+                    l1 = w.abs().movedim(m.dim, 0).reshape(w.shape[m.dim], -1).sum(1).double()
+                    score.index_add_(0, m.unit, l1[m.index])
+                    found = True
+        if not found:
+            score = torch.rand(g.size, generator=gen, dtype=torch.float64)
+        drop = torch.argsort(score, stable=True)[:n_drop]
+        keep = torch.ones(g.size, dtype=torch.bool)
+        keep[drop] = False
+        masks[g.name] = keep
+    return masks
+
+
+def tp_roots(analysis, masks: dict, model) -> list[tuple[str, list[int]]]:
+    """For each masked group, one producing layer and its output channels to remove.
+
+    Prefers a dense (groups == 1) conv or a linear layer as the root; the removed output channels
+    are those whose unit the mask drops, read from the group's member for that layer's weight.
+    """
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    out = []
+    for g in analysis.groups:
+        if g.name not in masks:
+            continue
+        keep = masks[g.name]
+        candidates = []
+        for m in g.members:
+            owner = m.name[: -len(".weight")] if m.name.endswith(".weight") else None
+            if m.kind != "param" or owner not in g.producers or owner not in modules:
+                continue
+            layer = modules[owner]
+            dense = isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == 1)
+            idxs = sorted(m.index[~keep[m.unit]].tolist())
+            candidates.append((not dense, g.producers.index(owner), owner, idxs))
+        if not candidates:
+            raise RuntimeError(f"no producing layer with a weight for group {g.name!r}")
+        _, _, owner, idxs = min(candidates)
+        out.append((owner, idxs))
+    return out
+
+
+# --------------------------------------------------------------------------- measurement
+
+_LIBC = None
+
+
+def _trim() -> None:
+    """Collect garbage and give freed heap memory back to the OS, for a clean RSS baseline."""
+    global _LIBC
+    gc.collect()
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+class PeakRSS:
+    """Peak resident memory above the RSS at entry, in bytes (see the module docstring)."""
+
+    def __enter__(self):
+        _trim()
+        self.base = _status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.method, self._thread = "VmHWM", None
+        except OSError:
+            self.method, self._max, self._stop = "sampled", self.base, False
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop:
+            self._max = max(self._max, _status_kb("VmRSS"))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self._thread is None:
+            peak = _status_kb("VmHWM")
+        else:
+            self._stop = True
+            self._thread.join()
+            peak = max(self._max, _status_kb("VmRSS"))
+        self.peak = (peak - self.base) * 1024
+        return False
+
+
+def model_bytes(analysis) -> tuple[int, int]:
+    """(parameter + buffer bytes, activation bytes of one forward pass) from the traced graph."""
+    import torch
+
+    gm = analysis.gm
+    params = {id(t): t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers())}
+    act = 0
+    for n in gm.graph.nodes:
+        if n.op in ("output", "get_attr"):
+            continue
+        if n.op == "call_module" and getattr(gm.get_submodule(n.target), "inplace", False):
+            continue
+        if n.op == "call_method" and str(n.target).endswith("_"):
+            continue
+        if n.kwargs.get("inplace"):
+            continue
+        meta = n.meta.get("tensor_meta")
+        metas = [meta] if hasattr(meta, "shape") else [m for m in meta if hasattr(m, "shape")] \
+            if isinstance(meta, (list, tuple)) else []
+        for m in metas:
+            act += math.prod(m.shape) * torch.empty((), dtype=m.dtype).element_size()
+    return sum(params.values()), act
+
+
+def _clock() -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _diff(b: tuple[float, float], a: tuple[float, float]) -> tuple[float, float]:
+    return b[0] - a[0], b[1] - a[1]
+
+
+def worker(spec: dict) -> dict:
+    """One (model, tool) measurement; runs in a fresh process."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import fxprune
+
+    model, x = build(spec["model"])
+    analysis = fxprune.analyze(model, x)
+    masks = choose_masks(analysis, spec["ratio"], spec["criterion"], spec["seed"])
+    info = {
+        "nodes": len(analysis.gm.graph.nodes),
+        "groups": len(analysis.groups),
+        "masked": len(masks),
+        "removed": int(sum((~m).sum() for m in masks.values())),
+        "channels": int(sum(g.size for g in analysis.groups if g.name in masks)),
+    }
+    info["param_bytes"], info["act_bytes"] = model_bytes(analysis)
+
+    if spec["tool"] == "fxprune":
+        del analysis
+
+        def run():
+            t0 = _clock()
+            a = fxprune.analyze(model, x)
+            t1 = _clock()
+            small = fxprune.compact(model, masks, x, analysis=a)
+            t2 = _clock()
+            return small, (_diff(t1, t0), _diff(t2, t1))
+
+        def prepare():
+            return None
+    else:
+        import torch_pruning as tp
+
+        roots = tp_roots(analysis, masks, model)
+        del analysis
+
+        def prepare():
+            return copy.deepcopy(model)
+
+        def run(m):
+            t0 = _clock()
+            dg = tp.DependencyGraph().build_dependency(m, example_inputs=x, verbose=False)
+            t1 = _clock()
+            layers = dict(m.named_modules())
+            for name, idxs in roots:
+                layer = layers[name]
+                group = dg.get_pruning_group(layer, dg.get_pruner_of_module(layer).prune_out_channels, idxs)
+                group.prune()
+            t2 = _clock()
+            return m, (_diff(t1, t0), _diff(t2, t1))
+
+    call = (lambda state: run()) if spec["tool"] == "fxprune" else run
+    pruned, _ = call(prepare())  # warm-up, untimed
+    with torch.no_grad():
+        out = pruned(x).flatten()
+    info["params_after"] = sum(p.numel() for p in pruned.parameters())
+    info["shapes"] = {k: list(v.shape) for k, v in pruned.named_parameters()}
+    report = getattr(pruned, "meta", {}).get("fxprune_report", [])
+    info["folded"] = sum(1 for r in report if getattr(r, "action", None) == "folded")
+    info["out"] = out.tolist()
+    del pruned, out
+
+    state = prepare()
+    with PeakRSS() as peak:
+        pruned, t = call(state)
+    info["peak_bytes"], info["peak_method"] = peak.peak, peak.method
+    times = [t]
+    del pruned, state
+    start = time.perf_counter()
+    while len(times) < spec["repeats"] and time.perf_counter() - start < spec["budget"]:
+        state = prepare()
+        pruned, t = call(state)
+        times.append(t)
+        del pruned, state
+    for i, clock in enumerate(("wall", "cpu")):
+        info[f"{clock}_first"] = [a[i] for a, _ in times]
+        info[f"{clock}_second"] = [b[i] for _, b in times]
+    info["t_first"], info["t_second"] = info[f"{spec['clock']}_first"], info[f"{spec['clock']}_second"]
+    return info
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {proc.returncode}: {err}"}
+
+
+# --------------------------------------------------------------------------- report
+
+def machine() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
+    except (OSError, AttributeError):
+        cpu = platform.processor() or cpu
+    parts = [cpu, f"{os.cpu_count()} logical cores", f"torch {torch.__version__}",
+             f"Python {platform.python_version()}", f"{platform.system()} {platform.release()}"]
+    if LOAD_AT_START is not None:
+        parts.append("load average (1 / 5 / 15 min) %.1f / %.1f / %.1f at the start of the run, "
+                     "%.1f / %.1f / %.1f at the end" % (LOAD_AT_START + os.getloadavg()))
+    tp = tp_version()
+    parts.append(f"Torch-Pruning {tp}" if tp else "Torch-Pruning not installed")
+    return ", ".join(parts)
+
+
+def fxprune_version() -> str:
+    """fxprune's commit, and whether the working tree had uncommitted changes to it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "fxprune (not a git checkout)"
+    return f"fxprune at commit {head}" + (" plus uncommitted changes" if dirty else "")
+
+
+def shared() -> bool:
+    """Whether the machine was busy with other work (load above its core count) during the run."""
+    try:
+        load = max(os.getloadavg()[2], (LOAD_AT_START or (0.0,))[0])
+    except OSError:
+        return False
+    return load > (os.cpu_count() or 1)
+
+
+def tp_version() -> str | None:
+    if importlib.util.find_spec("torch_pruning") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:
+        return "unknown version"
+
+
+def med(xs: list[float]) -> float:
+    """The statistic shown for repeated timings: the best run (least disturbed by other load)."""
+    return min(xs)
+
+
+def mib(b: float) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def outputs_agree(fx: dict, tp: dict) -> str:
+    """Whether both tools removed the same channels (same parameter shapes) and agree on outputs."""
+    if "out" not in fx or "out" not in tp:
+        return "-"
+    a, b = fx.get("shapes", {}), tp.get("shapes", {})
+    shapes = all(a[k] == b[k] for k in a.keys() & b.keys()) and not (b.keys() - a.keys())
+    if len(fx["out"]) != len(tp["out"]):
+        return "NO (output shapes differ)"
+    diff = max(abs(p - q) for p, q in zip(fx["out"], tp["out"]))
+    rel = diff / max(1e-12, max(abs(p) for p in fx["out"]))
+    if not shapes:
+        return f"NO: parameter shapes differ ({rel:.0e})"
+    if rel <= 1e-4:
+        return f"yes ({rel:.0e})"
+    if fx.get("folded"):
+        return f"same channels; outputs differ ({rel:.0e}): fxprune folded {fx['folded']} constants, TP drops them"
+    return f"same shapes, outputs differ ({rel:.0e})"
+
+
+def table(results: dict, names: list[str], with_tp: bool) -> tuple[list, list]:
+    head = ["model", "nodes", "removed / channels", "fxprune analyze s", "fxprune compact s",
+            "fxprune total s", "fxprune peak MiB", "params + act MiB", "peak / (params + act)"]
+    if with_tp:
+        head += ["TP build s", "TP prune s", "TP total s", "TP peak MiB", "TP / fxprune time",
+                 "same result"]
+    rows = []
+    for name in names:
+        fx, tp = results[name].get("fxprune", {}), results[name].get("tp", {})
+        if "error" in fx:
+            rows.append([name] + [f"error: {fx['error']}"] + [""] * (len(head) - 2))
+            continue
+        a, c = med(fx["t_first"]), med(fx["t_second"])
+        total = med([p + q for p, q in zip(fx["t_first"], fx["t_second"])])
+        ref = fx["param_bytes"] + fx["act_bytes"]
+        row = [name, fx["nodes"], f"{fx['removed']} / {fx['channels']}", f"{a:.3f}", f"{c:.3f}",
+               f"{total:.3f}", mib(fx["peak_bytes"]), f"{mib(fx['param_bytes'])} + {mib(fx['act_bytes'])}",
+               f"{fx['peak_bytes'] / ref:.2f}"]
+        if with_tp:
+            if "error" in tp:
+                row += [f"error: {tp['error']}", "", "", "", "", ""]
+            else:
+                tt = med([p + q for p, q in zip(tp["t_first"], tp["t_second"])])
+                row += [f"{med(tp['t_first']):.3f}", f"{med(tp['t_second']):.3f}", f"{tt:.3f}",
+                        mib(tp["peak_bytes"]), f"{tt / total:.2f}", outputs_agree(fx, tp)]
+        rows.append(row)
+    return head, rows
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float, float]:
+    """Least-squares y = a*x + b, its R^2, and the log-log slope (1 for linear growth)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    b = my - a * mx
+    ss_tot = sum((y - my) ** 2 for y in ys) or 1e-30
+    r2 = 1 - sum((y - a * x - b) ** 2 for x, y in zip(xs, ys)) / ss_tot
+    lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-9)) for y in ys]
+    mlx, mly = sum(lx) / n, sum(ly) / n
+    slope = sum((u - mlx) * (v - mly) for u, v in zip(lx, ly)) / sum((u - mlx) ** 2 for u in lx)
+    return a, b, r2, slope
+
+
+def scaling(results: dict, synth: list[str], with_tp: bool) -> tuple[list[str], dict]:
+    """Lines describing growth with node count, and the series for the plot."""
+    series: dict[str, tuple[list, list]] = {}
+    for name in synth:
+        fx, tp = results[name].get("fxprune", {}), results[name].get("tp", {})
+        if "error" in fx or not fx:
+            continue
+        n = fx["nodes"]
+        for label, v in (("fxprune analyze", med(fx["t_first"])), ("fxprune compact", med(fx["t_second"])),
+                         ("fxprune total", med([p + q for p, q in zip(fx["t_first"], fx["t_second"])]))):
+            series.setdefault(label, ([], []))[0].append(n)
+            series[label][1].append(v)
+        if with_tp and tp and "error" not in tp:
+            series.setdefault("Torch-Pruning total", ([], []))[0].append(n)
+            series["Torch-Pruning total"][1].append(med([p + q for p, q in zip(tp["t_first"], tp["t_second"])]))
+    lines = []
+    for label, (xs, ys) in series.items():
+        if len(xs) < 2:
+            continue
+        a, b, r2, slope = linear_fit(xs, ys)
+        per = [1e3 * y / x for x, y in zip(xs, ys)]
+        lines.append(f"| {label} | {a * 1e3:.3f} | {r2:.4f} | {slope:.2f} | "
+                     + ", ".join(f"{p:.3f}" for p in per) + " |")
+    if lines:
+        lines = ["| series | fit: ms per node | R² of linear fit | log-log slope (1 = linear, 2 = quadratic) | "
+                 "ms per node at each N |", "|---|---|---|---|---|"] + lines
+    return lines, series
+
+
+def plot(series: dict, path: Path, ylabel: str = "time (s)") -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        style = "--" if label.startswith("Torch") else "-"
+        ax.plot(xs, ys, style, marker="o", label=label)
+    if "fxprune total" in series:  # what exactly linear growth from the smallest network would give
+        xs, ys = series["fxprune total"]
+        ax.plot(xs, [ys[0] * x / xs[0] for x in xs], ":", color="grey", label="fxprune total, linear from smallest")
+    ax.set_xlabel("FX graph nodes (synthetic residual network, N blocks)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("analyze + compact time vs graph size (best of runs)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def section(args, head, rows, scale_lines, plotted: bool, with_tp: bool, results: dict) -> str:
+    from tabulate import tabulate
+
+    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(Path(__file__).resolve(), ROOT)] + sys.argv[1:])
+    methods = sorted({r.get(t, {}).get("peak_method") for r in results.values() for t in ("fxprune", "tp")} - {None})
+    out = [SECTION, "",
+           f"Command: `{cmd}`", "",
+           f"Machine: {machine()}.", "",
+           f"Code: {fxprune_version()}.", "",
+           f"Each prunable fxprune group loses {args.ratio:.0%} of its channels (rounded; "
+           f"{'lowest L1 filter norm' if args.criterion == 'l1' else f'random, seed {args.seed}'}); Torch-Pruning "
+           "removes the same channels through `DG.get_pruning_group(layer, prune_out_channels, idxs)` and "
+           "`group.prune()`, one root layer per fxprune group. Times are "
+           + ("CPU seconds of the measuring process (`time.process_time`, robust to other load on a shared "
+              "machine)" if args.clock == "cpu" else "wall-clock seconds")
+           + f" with {args.threads} torch thread{'s' if args.threads > 1 else ''}, the best of up to "
+           f"{args.repeats} runs (at most {args.budget:.0f} s of repeats) after one warm-up run; fxprune time is "
+           "`analyze` + `compact`, Torch-Pruning time is `DependencyGraph().build_dependency` + pruning all groups. "
+           "Each (model, tool) pair runs in a fresh subprocess. Peak memory is the rise of the process's "
+           f"resident set during one run ({', '.join(methods) or 'VmHWM'}: the kernel's high-water mark, reset "
+           "through `/proc/self/clear_refs` after `gc.collect()` and `malloc_trim(0)`), so it counts Python and "
+           "torch allocations alike. It is compared with the model's parameter + buffer bytes plus one forward "
+           "pass's activations (every node output of the traced graph at batch size 1). fxprune returns a new "
+           "model (its copy of the parameters is part of its peak); Torch-Pruning prunes in place. "
+           "\"same result\": both pruned models have the same parameter shapes and outputs within 1e-4 (relative "
+           "max difference in brackets). BatchNorm statistics are randomised (weight, bias, running mean and "
+           "variance), as in a trained model, so a removed channel that feeds a BatchNorm it does not directly "
+           "precede (DenseNet's concatenations) leaves a constant behind: `compact` folds it into the next "
+           "conv's bias (exactly equal to `apply_masks`), Torch-Pruning drops it; with default BatchNorm "
+           "statistics the two outputs are identical.", ""]
+    if shared():
+        out += ["> Other work shared the machine during this run (see the load average above). CPU time does "
+                "not count the time other processes hold a core, but it still grows when they compete for "
+                "caches and memory bandwidth: between runs of this script on a shared 2-core machine the same "
+                "measurement's CPU time was seen to vary by up to ~1.7x, so ratios and the fitted slope below are "
+                "uncertain by tens of percent (the slope of fxprune total time by about +-0.2).", ""]
+    if not with_tp:
+        out += ["> Torch-Pruning columns skipped (`--no-tp`)." if args.no_tp else
+                f"> Torch-Pruning is not importable, so its columns are skipped. Install it for the benchmark "
+                f"only with `{TP_INSTALL}`.", ""]
+    out += [tabulate(rows, head, tablefmt="github", disable_numparse=True), ""]
+    if scale_lines:
+        out += ["Growth with graph size (synthetic residual networks):", ""] + scale_lines + [""]
+    if plotted:
+        out += [f"![time vs node count]({os.path.relpath(args.plot, args.doc.parent)})", ""]
+    out += targets(results, args, with_tp, scale_lines)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def targets(results: dict, args, with_tp: bool, scale_lines) -> list[str]:
+    lines = ["Project targets:", ""]
+    r50 = results.get("resnet50", {})
+    fx, tp = r50.get("fxprune", {}), r50.get("tp", {})
+    if with_tp and fx and tp and "error" not in fx and "error" not in tp:
+        ratio = med([p + q for p, q in zip(tp["t_first"], tp["t_second"])]) / \
+            med([p + q for p, q in zip(fx["t_first"], fx["t_second"])])
+        lines.append(f"- fxprune >= 3x faster than Torch-Pruning on resnet50: "
+                     f"{'met' if ratio >= 3 else 'MISSED'} (Torch-Pruning / fxprune = {ratio:.2f}).")
+    else:
+        lines.append("- fxprune >= 3x faster than Torch-Pruning on resnet50: not measured in this run.")
+    total = [ln for ln in scale_lines if ln.startswith("| fxprune total")]
+    if total:
+        slope = float(total[0].split("|")[4])
+        per = [float(v) for v in total[0].split("|")[5].split(",")]
+        lines.append(f"- linear growth in node count (criterion: log-log slope <= {LINEAR_SLOPE}): "
+                     f"{'met' if slope <= LINEAR_SLOPE else 'MISSED'} (slope of fxprune total time = {slope:.2f}; "
+                     f"time per node goes from {per[0]:.2f} to {per[-1]:.2f} ms, x{per[-1] / per[0]:.2f}, while the "
+                     f"node count grows x{scale_nodes(results):.1f}).")
+    else:
+        lines.append("- linear growth in node count: not measured in this run (needs two or more block counts).")
+    worst = [(fx["peak_bytes"] / (fx["param_bytes"] + fx["act_bytes"]), n) for n, r in results.items()
+             if (fx := r.get("fxprune")) and "error" not in fx]
+    if worst:
+        over = [f"{n} {w:.2f}x" for w, n in worst if w > 3]
+        w, n = max(worst)
+        lines.append(f"- peak memory within 3x (parameters + one forward pass): "
+                     + (f"MISSED on {', '.join(over)}." if over else f"met (worst: {n}, {w:.2f}x)."))
+    return lines + [""]
+
+
+def scale_nodes(results: dict) -> float:
+    nodes = [r["fxprune"]["nodes"] for n, r in results.items()
+             if n.startswith("synthetic-") and "nodes" in r.get("fxprune", {})]
+    return max(nodes) / min(nodes)
+
+
+def write_doc(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        doc = path.read_text()
+    else:
+        doc = ("# Benchmarks\n\nMeasurements of fxprune's own cost. Each section names the command that "
+               "produced it and the machine it ran on; rerun the command to refresh the section.\n")
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: text + "\n", doc, count=1).rstrip() + "\n"
+    else:
+        doc = doc.rstrip() + "\n\n" + text
+    path.write_text(doc)
+
+
+# --------------------------------------------------------------------------- profile
+
+def profile(names: list[str], args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    """cProfile one fxprune analyze + compact per model (after a warm-up run), in CPU seconds."""
+    import cProfile
+    import pstats
+
+    import fxprune
+
+    for name in names:
+        model, x = build(name)
+        a = fxprune.analyze(model, x)
+        masks = choose_masks(a, args.ratio, args.criterion, args.seed)
+        fxprune.compact(model, masks, x, analysis=a)
+        del a
+        prof = cProfile.Profile(time.process_time)  # CPU time: robust to other load on the machine
+        prof.enable()
+        a = fxprune.analyze(model, x)
+        fxprune.compact(model, masks, x, analysis=a)
+        prof.disable()
+        for key in ("cumulative", "tottime"):
+            print(f"\n===== {name}: fxprune analyze + compact, top {args.top} by {key} =====")
+            pstats.Stats(prof, stream=sys.stdout).strip_dirs().sort_stats(key).print_stats(args.top)
+        if args.profile_out:
+            out = Path(args.profile_out) / f"{name}.prof"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            prof.dump_stats(out)
+            print(f"saved {out}")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="resnet18 and the 50-block synthetic network only "
+                   "(--models / --blocks still override)")
+    p.add_argument("--models", nargs="*", default=None, help=f"torchvision models (default {' '.join(TV_MODELS)})")
+    p.add_argument("--blocks", nargs="*", type=int, default=None, help=f"synthetic block counts (default {BLOCKS})")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of each group's channels to remove")
+    p.add_argument("--criterion", choices=["l1", "random"], default="l1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best reported)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="time shown: CPU seconds of the measuring process (default; robust to other load on "
+                        "the machine) or wall-clock seconds; both are kept in --json")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the measuring processes")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds of repeat runs per measurement at most")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement subprocess")
+    p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--doc", type=Path, default=DOC, help="markdown file to update (section '%s')" % SECTION)
+    p.add_argument("--plot", type=Path, default=PLOT)
+    p.add_argument("--no-doc", action="store_true", help="print the table only; write no file")
+    p.add_argument("--json", type=Path, default=None, help="also save raw results here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of benchmarking, cProfile fxprune on the chosen models "
+                        "(default resnet50 and synthetic-500)")
+    p.add_argument("--top", type=int, default=25, help="rows per profile listing")
+    p.add_argument("--profile-out", default=None, help="folder for .prof files (with --profile)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    models = args.models if args.models is not None else ["resnet18"] if args.quick else TV_MODELS
+    blocks = args.blocks if args.blocks is not None else [50] if args.quick else BLOCKS
+    if args.profile:
+        names = (args.models if args.models is not None else ["resnet18"] if args.quick else ["resnet50"]) + \
+            [f"synthetic-{b}" for b in (args.blocks if args.blocks is not None else [50] if args.quick else [500])]
+        profile(names, args)
+        return 0
+
+    from tqdm import tqdm
+
+    global LOAD_AT_START
+    try:
+        LOAD_AT_START = os.getloadavg()
+    except OSError:
+        pass
+    with_tp = not args.no_tp and tp_version() is not None
+    if not args.no_tp and not with_tp:
+        print(f"NOTE: Torch-Pruning is not importable; its columns are skipped ({TP_INSTALL}).", file=sys.stderr)
+    names = list(models) + [f"synthetic-{b}" for b in blocks]
+    tools = ["fxprune"] + (["tp"] if with_tp else [])
+    results: dict[str, dict] = {n: {} for n in names}
+    jobs = [(n, t) for n in names for t in tools]
+    for name, tool in (bar := tqdm(jobs, desc="benchmark", unit="run")):
+        bar.set_postfix_str(f"{name} / {tool}")
+        spec = {"model": name, "tool": tool, "ratio": args.ratio, "criterion": args.criterion,
+                "seed": args.seed, "repeats": args.repeats, "budget": args.budget, "clock": args.clock,
+                "threads": args.threads}
+        results[name][tool] = run_worker(spec, args.timeout)
+        if "error" in results[name][tool]:
+            tqdm.write(f"{name} / {tool}: {results[name][tool]['error']}", file=sys.stderr)
+
+    head, rows = table(results, names, with_tp)
+    from tabulate import tabulate
+
+    print(tabulate(rows, head, tablefmt="github", disable_numparse=True))
+    synth = [n for n in names if n.startswith("synthetic-")]
+    scale_lines, series = scaling(results, synth, with_tp)
+    if scale_lines:
+        print("\n" + "\n".join(scale_lines))
+    print("\n" + "\n".join(targets(results, args, with_tp, scale_lines)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({k: {t: {f: v for f, v in r.items() if f not in ("out", "shapes")} for t, r in d.items()}
+                                         for k, d in results.items()}, indent=1))
+    if not args.no_doc:
+        # A plot needs two or more block counts; a run with fewer leaves an existing PNG alone.
+        plotted = len(synth) >= 2 and plot(
+            series, args.plot, "CPU time (s)" if args.clock == "cpu" else "wall-clock time (s)")
+        write_doc(args.doc, section(args, head, rows, scale_lines, plotted, with_tp, results))
+        print(f"wrote {os.path.relpath(args.doc, Path.cwd())}" + (f" and {os.path.relpath(args.plot, Path.cwd())}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
