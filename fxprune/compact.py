@@ -16,7 +16,7 @@ from fxprune.passes.rewrite_shapes import Shapes, rewrite_shapes
 from fxprune.passes.slice_parameters import slice_parameters
 
 from .analysis import Analysis, analyze
-from .errors import CompactError, TraceError
+from .errors import CompactError, MaskError, TraceError
 from .masks import Masks, Plan, resolve
 from .trace import propagate_shapes
 
@@ -50,6 +50,7 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
     """
     analysis = _analysis(model, example_inputs, analysis)
     plan = resolve(analysis, masks)
+    _check_not_emptied(plan)
     folds, report = [], []
     if dropped_inputs(plan):
         reference = _copy(analysis.gm).eval()
@@ -68,6 +69,19 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
     _verify(gm, plan, example_inputs)
     gm.meta["fxprune_report"] = report
     return gm
+
+
+def _check_not_emptied(plan: Plan) -> None:
+    """A tensor left without any channel (a split piece whose channels are all masked) has no
+    dense form: say which node, rather than emit a graph that cannot run."""
+    shapes = Shapes(plan)
+    for node in plan.analysis.gm.graph.nodes:
+        labels = plan.analysis.labels.get(node.name)
+        if isinstance(labels, torch.Tensor) and labels.numel() and 0 in shapes.new_shape(node):
+            raise MaskError(
+                f"the masks remove every channel of node '{node.name}' ({node.format_node()}); "
+                "keep at least one channel there"
+            )
 
 
 def _kept_but_masked(plan: Plan) -> dict:

@@ -43,6 +43,8 @@ MAX_HW = 12
 
 SHUFFLE_STYLES = ("literal", "computed", "module", "functional")
 
+INPLACE = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+           "leaky_relu": lambda inplace: nn.LeakyReLU(0.1, inplace=inplace)}
 ACTIVATIONS = ("relu", "silu", "sigmoid", "hardswish", "gelu", "tanh", "leaky_relu", "identity")
 
 
@@ -60,9 +62,12 @@ class Conv:
     pad: int = 0
     bias: bool = True
     groups: int = 1
+    dilation: int = 1
+    padding_mode: str = "zeros"
 
     def make(self) -> nn.Module:
-        return nn.Conv2d(self.cin, self.cout, self.k, self.stride, self.pad, bias=self.bias, groups=self.groups)
+        return nn.Conv2d(self.cin, self.cout, self.k, self.stride, self.pad, self.dilation, self.groups,
+                         bias=self.bias, padding_mode=self.padding_mode)
 
 
 @dataclass(frozen=True)
@@ -83,21 +88,22 @@ class ConvT:
 class BN:
     name: str
     c: int
+    affine: bool = True
 
     def make(self) -> nn.Module:
-        return nn.BatchNorm2d(self.c)
+        return nn.BatchNorm2d(self.c, affine=self.affine)
 
 
 @dataclass(frozen=True)
 class Act:
     name: str
     kind: str
+    inplace: bool = False
 
     def make(self) -> nn.Module:
-        return {
-            "relu": nn.ReLU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "hardswish": nn.Hardswish,
-            "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "identity": nn.Identity,
-        }[self.kind]()
+        if self.kind in INPLACE:
+            return INPLACE[self.kind](inplace=self.inplace)
+        return {"sigmoid": nn.Sigmoid, "gelu": nn.GELU, "tanh": nn.Tanh, "identity": nn.Identity}[self.kind]()
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ class Head:
     """Global pooling (or none: flatten the whole map, each channel owning H*W features), then
     flatten and one or two Linear layers."""
 
-    pool: str  # "avg" | "max" | "mean" | "none"
+    pool: str  # "avg" | "max" | "mean" | "none" | "avg2" (AdaptiveAvgPool2d(2))
     pool_name: str
     flatten: str  # "torch" | "method" | "view" | "module"
     flatten_name: str
@@ -235,8 +241,9 @@ def named_modules(specs) -> dict[str, nn.Module]:
         if isinstance(s, Shuffle) and s.style == "module":
             out[s.name] = nn.ChannelShuffle(s.groups)
         if isinstance(s, Head):
-            if s.pool in ("avg", "max"):
-                out[s.pool_name] = nn.AdaptiveAvgPool2d(1) if s.pool == "avg" else nn.AdaptiveMaxPool2d(1)
+            if s.pool in ("avg", "max", "avg2"):
+                out[s.pool_name] = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1),
+                                    "avg2": nn.AdaptiveAvgPool2d(2)}[s.pool]
             if s.flatten == "module":
                 out[s.flatten_name] = nn.Flatten(1)
         for sub in _children(s):
@@ -313,7 +320,7 @@ class SpecNet(nn.Module):
         if isinstance(s, Slice):
             return x[:, s.start:s.stop]
         if isinstance(s, Head):
-            if s.pool in ("avg", "max"):
+            if s.pool in ("avg", "max", "avg2"):
                 x = self.get_submodule(s.pool_name)(x)
             elif s.pool == "mean":
                 x = x.mean((2, 3))
@@ -368,8 +375,10 @@ class ModelSpec:
                 for m in model.modules():
                     if isinstance(m, nn.BatchNorm2d):
                         c = m.num_features
-                        m.weight.copy_((torch.rand(c, generator=g) + 0.5) * torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0))
-                        m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                        sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
+                        if m.affine:
+                            m.weight.copy_((torch.rand(c, generator=g) + 0.5) * sign)
+                            m.bias.copy_(torch.randn(c, generator=g) * 0.5)
                         m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
                         m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
                         m.num_batches_tracked.fill_(int(torch.randint(1, 100, (), generator=g)))
@@ -391,9 +400,6 @@ class _Builder:
         self.shuffle_styles = shuffle_styles
         self.prefix = ""  # modules live in nested containers, so that names have dots
         self.count = 0
-        # While the running tensor may still hold the model input's (fixed) channels, no grouped
-        # or depthwise convs: fxprune wrongly lets their groups be pruned (see test_properties.py).
-        self.input_channels = False
 
     def name(self, kind: str) -> str:
         self.count += 1
@@ -415,17 +421,26 @@ class _Builder:
         """A Conv2d (+ maybe BN, + maybe activation); returns (specs, h, w)."""
         if k is None:
             k = self.pick((1, 3)) if min(h, w) >= 3 or same else 1
-        pad = k // 2 if same or k == 1 else self.pick((0, 1))
-        if same:
-            pad = k // 2
-        conv = Conv(self.name("conv"), cin, cout, k, stride, pad, self.flag(0.6), groups)
-        h2, w2 = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        dil = 2 if k == 3 and min(h, w) >= 5 and self.flag(0.15) else 1
+        pad = dil * (k // 2) if same or k == 1 else self.pick((0, dil))
+        mode = "zeros"
+        if pad and pad < min(h, w) and self.flag(0.2):
+            mode = self.pick(("reflect", "replicate", "circular"))
+        conv = Conv(self.name("conv"), cin, cout, k, stride, pad, self.flag(0.6), groups, dil, mode)
+        h2, w2 = ((d + 2 * pad - dil * (k - 1) - 1) // stride + 1 for d in (h, w))
         specs = [conv]
         if self.flag(0.5):
-            specs.append(BN(self.name("bn"), cout))
+            specs.append(self.bn(cout))
         if self.flag(0.6):
-            specs.append(Act(self.name("act"), self.pick(ACTIVATIONS)))
+            specs.append(self.act())
         return specs, h2, w2
+
+    def bn(self, c: int) -> BN:
+        return BN(self.name("bn"), c, not self.flag(0.15))
+
+    def act(self, kinds=ACTIVATIONS) -> Act:
+        kind = self.pick(kinds)
+        return Act(self.name("act"), kind, kind in INPLACE and self.flag(0.3))
 
     def channels(self, lo: int = 1) -> int:
         return self.ints(lo, MAX_C)
@@ -442,17 +457,15 @@ class _Builder:
             kinds = [k for k in kinds if k not in ("split", "slice", "shuffle", "grouped")]
         if c % 2:
             kinds = [k for k in kinds if k != "shuffle"]
-        if self.input_channels:
-            kinds = [k for k in kinds if k not in ("grouped", "depthwise")]
         kind = self.pick(kinds)
         if kind == "conv":
             stride = 1 if same or min(h, w) < 4 else self.pick((1, 2))
             specs, h, w = self.conv(c, self.channels(), h, w, stride=stride, same=same)
             return specs, specs[0].cout, h, w
         if kind == "bn":
-            return [BN(self.name("bn"), c)], c, h, w
+            return [self.bn(c)], c, h, w
         if kind == "act":
-            return [Act(self.name("act"), self.pick(ACTIVATIONS))], c, h, w
+            return [self.act()], c, h, w
         if kind == "pool":
             if same or min(h, w) < 4 or self.flag(0.4):
                 return [Pool(self.name("pool"), self.pick(("max", "avg")), 3, 1, 1)], c, h, w
@@ -466,7 +479,7 @@ class _Builder:
         if kind == "se":
             r = self.ints(1, max(1, c // 2))
             return [SE(self.pick(("mean", "adaptive")), self.name("sepool"),
-                       Conv(self.name("se_reduce"), c, r, bias=self.flag(0.8)), Act(self.name("act"), self.pick(("relu", "silu"))),
+                       Conv(self.name("se_reduce"), c, r, bias=self.flag(0.8)), self.act(("relu", "silu")),
                        Conv(self.name("se_expand"), r, c, bias=self.flag(0.8)), self.pick(("sigmoid", "hardsigmoid")))], c, h, w
         if kind == "grouped":
             divisors = [g for g in (2, 3, 4, 8) if c % g == 0]
@@ -527,17 +540,15 @@ class _Builder:
         if cout != c or stride != 1 or self.flag(0.2):
             proj = [Conv(self.name("proj"), c, cout, 1, stride, 0, self.flag(0.3))]
             if self.flag(0.5):
-                proj.append(BN(self.name("bn"), cout))
+                proj.append(self.bn(cout))
             shortcut = tuple(proj)
         return [Residual(body, shortcut, self.flag())], cout, h2, w2
 
     def cat(self, c, h, w, depth):
         branches, total = [], 0
         n = self.ints(2, 3)
-        for i in range(n):
-            # Not only identity branches of a single channel: a grouped conv reading such a cat
-            # (every channel the same unit) is mishandled by fxprune (see test_properties.py).
-            if self.flag(0.25) and not (c == 1 and i == n - 1 and all(b == () for b in branches)):
+        for _ in range(n):
+            if self.flag(0.25):
                 branches.append(())
                 total += c
             else:
@@ -577,15 +588,17 @@ class _Builder:
         return [Split(how, sizes, tuple(branches), "cat", order)], sum(outs), h, w
 
     def head(self, c, h, w):
-        pool = self.pick(("avg", "max", "mean", "none"))
-        if pool != "none":
+        pool = self.pick(("avg", "max", "mean", "none", "avg2"))
+        if pool == "avg2":  # each channel owns 2 x 2 features
+            h = w = 2
+        elif pool != "none":
             h = w = 1
         features = c * h * w
         flatten = self.pick(("torch", "method", "view", "module"))
         out = self.ints(1, 10)
         if self.flag(0.3):
             hidden = self.ints(2, MAX_C)
-            linears = (Linear(self.name("fc"), features, hidden, self.flag(0.8)), Act(self.name("act"), self.pick(ACTIVATIONS)),
+            linears = (Linear(self.name("fc"), features, hidden, self.flag(0.8)), self.act(),
                        Linear(self.name("fc"), hidden, out, self.flag(0.8)))
         else:
             linears = (Linear(self.name("fc"), features, out, self.flag(0.8)),)
@@ -606,14 +619,10 @@ def model_specs(draw, max_blocks: int = 5, max_depth: int = 2, shuffle_styles=SH
         specs, hh, ww = b.conv(cc, b.channels(2), hh, ww, same=b.flag())
         blocks += specs
         cc = specs[0].cout
-    else:
-        b.input_channels = True
     for i in range(draw(st.integers(1, max_blocks))):
         b.prefix = f"s{i}." if b.flag(0.5) else ""
         specs, cc, hh, ww = b.block(cc, hh, ww, max_depth, same=False)
         blocks += specs
-        if isinstance(specs[0], (Conv, ConvT)):
-            b.input_channels = False
     if b.flag(0.9):
         b.prefix = "head." if b.flag(0.5) else ""
         head, out_shape = b.head(cc, hh, ww)

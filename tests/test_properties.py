@@ -390,23 +390,17 @@ class _GroupedAfterRepeat(nn.Module):
         return self.b(self.g(torch.cat([y, y], 1)))
 
 
-GROUPED_NONE_BUG = (
-    "BUG: per_index gives NONE along a dim where the labels do not vary, so a grouped conv whose "
-    "input channels all carry one label (the model input, or cat([y, y]) of a one-channel y) no "
-    "longer couples its groups to that label: its groups become a prunable group of their own, and "
-    "removing one leaves the conv expecting fewer input channels than it gets (CompactError)")
-
-
-@pytest.mark.xfail(strict=True, reason=GROUPED_NONE_BUG)
 def test_grouped_conv_on_the_input_is_not_prunable():
+    """Regression: per_index gave NONE along a channel dim carrying one label, so the groups of a
+    grouped conv reading the model input became prunable (and compact then failed)."""
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Conv2d(3, 6, 1, groups=3), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval(), torch.randn(2, 3, 5, 5)
     group = fxprune.analyze(model, x).group("0")
     assert not group.prunable, f"group '0' ({group.size} units) should be blocked by the model input"
 
 
-@pytest.mark.xfail(strict=True, reason=GROUPED_NONE_BUG)
 def test_grouped_conv_on_a_repeated_channel():
+    """Regression: same cause, for a grouped conv reading cat([y, y]) of a one-channel y."""
     torch.manual_seed(0)
     model, x = _GroupedAfterRepeat().eval(), torch.randn(2, 3, 5, 5)
     _check_compact_or_mask_error(model, {"g": torch.tensor([True, True, False, False])}, x)
