@@ -59,15 +59,17 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from report import code_version, command, load_average
+from report import machine as machine_parts
+from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -393,34 +395,14 @@ def run_worker(spec: dict, timeout: float) -> dict:
 # --------------------------------------------------------------------------- report
 
 def machine() -> str:
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
-    except (OSError, AttributeError):
-        cpu = platform.processor() or cpu
-    parts = [cpu, f"{os.cpu_count()} logical cores", f"torch {torch.__version__}",
-             f"Python {platform.python_version()}", f"{platform.system()} {platform.release()}"]
+    """The machine (see report.machine), the load during the run, and Torch-Pruning's version."""
+    tail = []
     if LOAD_AT_START is not None:
-        parts.append("load average (1 / 5 / 15 min) %.1f / %.1f / %.1f at the start of the run, "
-                     "%.1f / %.1f / %.1f at the end" % (LOAD_AT_START + os.getloadavg()))
+        tail.append("load average (1 / 5 / 15 min) %.1f / %.1f / %.1f at the start of the run, "
+                    "%.1f / %.1f / %.1f at the end" % (LOAD_AT_START + os.getloadavg()))
     tp = tp_version()
-    parts.append(f"Torch-Pruning {tp}" if tp else "Torch-Pruning not installed")
-    return ", ".join(parts)
-
-
-def fxprune_version() -> str:
-    """fxprune's commit, and whether the working tree had uncommitted changes to it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "fxprune (not a git checkout)"
-    return f"fxprune at commit {head}" + (" plus uncommitted changes" if dirty else "")
+    tail.append(f"Torch-Pruning {tp}" if tp else "Torch-Pruning not installed")
+    return machine_parts([], tail=tail)
 
 
 def shared() -> bool:
@@ -575,12 +557,12 @@ def plot(series: dict, path: Path, ylabel: str = "time (s)") -> bool:
 def section(args, head, rows, scale_lines, plotted: bool, with_tp: bool, results: dict) -> str:
     from tabulate import tabulate
 
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(Path(__file__).resolve(), ROOT)] + sys.argv[1:])
+    cmd = command(__file__)
     methods = sorted({r.get(t, {}).get("peak_method") for r in results.values() for t in ("fxprune", "tp")} - {None})
     out = [SECTION, "",
            f"Command: `{cmd}`", "",
            f"Machine: {machine()}.", "",
-           f"Code: {fxprune_version()}.", "",
+           f"Code: {code_version()}.", "",
            f"Each prunable fxprune group loses {args.ratio:.0%} of its channels (rounded; "
            f"{'lowest L1 filter norm' if args.criterion == 'l1' else f'random, seed {args.seed}'}); Torch-Pruning "
            "removes the same channels through `DG.get_pruning_group(layer, prune_out_channels, idxs)` and "
@@ -656,21 +638,6 @@ def scale_nodes(results: dict) -> float:
     nodes = [r["fxprune"]["nodes"] for n, r in results.items()
              if n.startswith("synthetic-") and "nodes" in r.get("fxprune", {})]
     return max(nodes) / min(nodes)
-
-
-def write_doc(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        doc = path.read_text()
-    else:
-        doc = ("# Benchmarks\n\nMeasurements of fxprune's own cost. Each section names the command that "
-               "produced it and the machine it ran on; rerun the command to refresh the section.\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1).rstrip() + "\n"
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc)
 
 
 # --------------------------------------------------------------------------- profile
@@ -753,10 +720,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     global LOAD_AT_START
-    try:
-        LOAD_AT_START = os.getloadavg()
-    except OSError:
-        pass
+    LOAD_AT_START = load_average()
     with_tp = not args.no_tp and tp_version() is not None
     if not args.no_tp and not with_tp:
         print(f"NOTE: Torch-Pruning is not importable; its columns are skipped ({TP_INSTALL}).", file=sys.stderr)
@@ -790,7 +754,7 @@ def main(argv=None) -> int:
         # A plot needs two or more block counts; a run with fewer leaves an existing PNG alone.
         plotted = len(synth) >= 2 and plot(
             series, args.plot, "CPU time (s)" if args.clock == "cpu" else "wall-clock time (s)")
-        write_doc(args.doc, section(args, head, rows, scale_lines, plotted, with_tp, results))
+        write_section(args.doc, SECTION, section(args, head, rows, scale_lines, plotted, with_tp, results))
         print(f"wrote {os.path.relpath(args.doc, Path.cwd())}" + (f" and {os.path.relpath(args.plot, Path.cwd())}" if plotted else ""))
     return 0
 

@@ -40,9 +40,7 @@ import argparse
 import collections
 import json
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,6 +48,10 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from report import code_version, command, load_average
+from report import machine as machine_parts
+from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -346,9 +348,9 @@ def run_one(name: str, args) -> dict:
             rss = _rss_mb(proc.pid)
             peak = max(peak, rss)
             if time.perf_counter() - start > args.timeout:
-                killed = f"timed out after {info['timeout']:.0f} s"
+                killed = f"timed out after {args.timeout:.0f} s"
             elif rss > args.max_memory_gb * 1024:
-                killed = f"resident memory {rss / 1024:.1f} GiB over the {info['max_memory_gb']:g} GiB limit"
+                killed = f"resident memory {rss / 1024:.1f} GiB over the {args.max_memory_gb:g} GiB limit"
             if killed:
                 proc.kill()
                 proc.wait()
@@ -454,47 +456,23 @@ def failures_text(results: list[dict]) -> list[str]:
 
 
 def machine(threads: int) -> str:
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)[1].strip()
-    except (OSError, TypeError):
-        cpu = platform.processor() or cpu
+    """The machine (see report.machine) with torch's threads, torchvision's version and the load at the end."""
     try:
         from importlib.metadata import version
         tv = f"torchvision {version('torchvision')}"
     except Exception:  # noqa: BLE001
         tv = "torchvision (version unknown)"
-    parts = [cpu, f"{os.cpu_count()} logical cores", f"torch {torch.__version__} ({threads} intra-op thread"
-             f"{'s' if threads != 1 else ''} per model)", tv, f"Python {platform.python_version()}",
-             f"{platform.system()} {platform.release()}"]
-    try:
-        parts.append("load average %.1f / %.1f / %.1f at the end of the run" % os.getloadavg())
-    except OSError:
-        pass
-    return ", ".join(parts)
-
-
-def code_version() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "fxprune (not a git checkout)"
-    return f"fxprune at commit {head}" + (" plus uncommitted changes" if dirty else "")
+    load = load_average()
+    return machine_parts([tv], f" ({threads} intra-op thread{'s' if threads != 1 else ''} per model)",
+                         tail=["load average %.1f / %.1f / %.1f at the end of the run" % load] if load is not None else [])
 
 
 def run_info(args, elapsed: float, code_at_start: str | None = None) -> dict:
     """What the doc section says about the run: command, machine, code, settings."""
-    argv = sys.argv[1:]
     code = code_version()
     if code_at_start and code_at_start != code:  # every model imports fxprune afresh
         code = f"{code_at_start} at the start of the run, {code} at its end"
-    return {"command": "python benchmarks/torchvision_coverage.py" + (" " + shlex.join(argv) if argv else ""),
+    return {"command": command(__file__),
             "machine": machine(args.threads), "code": code, "elapsed_s": elapsed,
             **{k: getattr(args, k) for k in ("keep", "seed", "tolerance", "timeout", "max_memory_gb", "threads", "redraws")}}
 
@@ -517,8 +495,8 @@ def section(results: list[dict], skipped: dict, info: dict) -> str:
              f"ones); \"flagged\": groups `analyze` marks not prunable (reasons shortened, × count); "
              f"\"1-channel\": prunable groups of one channel (not masked); \"kept\" / \"folded\": removed "
              f"channels that `compact` kept zeroed / folded into a consumer's bias. Times are CPU seconds "
-             f"of the model's subprocess. Each model runs in its own subprocess (limit {info['timeout']:.0f} s, "
-             f"{info['max_memory_gb']:g} GiB resident). Whole run: {info['elapsed_s'] / 60:.1f} min.", "",
+             f"of the model's subprocess. Each model runs in its own subprocess (limit {args.timeout:.0f} s, "
+             f"{args.max_memory_gb:g} GiB resident). Whole run: {info['elapsed_s'] / 60:.1f} min.", "",
              f"**{totals(results, skipped)}.**", "", table(results), ""]
     fails = failures_text(results)
     if fails:
@@ -527,21 +505,6 @@ def section(results: list[dict], skipped: dict, info: dict) -> str:
         lines += ["Distinct flag reasons (number of models):", "",
                   *[f"- {r} ({n})" for r, n in sorted(distinct.items(), key=lambda kv: (-kv[1], kv[0]))], ""]
     return "\n".join(lines)
-
-
-def write_doc(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        doc = path.read_text()
-    else:
-        doc = ("# Benchmarks\n\nMeasurements of fxprune's own cost. Each section names the command that "
-               "produced it and the machine it ran on; rerun the command to refresh the section.\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1).rstrip() + "\n"
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -622,7 +585,7 @@ def report(results: list[dict], skipped: dict, info: dict, args) -> int:
     print(table(results))
     print(totals(results, skipped))
     if not args.no_doc:
-        write_doc(args.doc, section(results, skipped, info))
+        write_section(args.doc, SECTION, section(results, skipped, info))
         print(f"wrote section '{SECTION}' of {args.doc}", file=sys.stderr)
     return 0
 
