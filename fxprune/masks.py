@@ -40,7 +40,8 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
     """
     groups = {g.name: (i, g) for i, g in enumerate(analysis.groups)}
     producers = _producers_by_name(analysis)
-    unit_votes: list[torch.Tensor | None] = [None] * len(analysis.groups)
+    votes = [torch.zeros(g.size, dtype=torch.bool) for g in analysis.groups]  # some mask keeps it
+    heard = [torch.zeros(g.size, dtype=torch.bool) for g in analysis.groups]  # some mask covers it
     own: dict[str, tuple[Producer, torch.Tensor]] = {}
     by_group: dict[int, torch.Tensor] = {}
     for key, mask in masks.items():
@@ -50,19 +51,19 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
         if g is not None and len(mask) == g.size:
             _check_prunable(key, g, mask)
             by_group[gi] = mask
-            vote = mask
+            votes[gi] |= mask
+            heard[gi][:] = True
         elif plist and len(mask) == len(plist[0].atoms):
             p = plist[0]
             gi, units = _units_of(analysis, p.atoms)
             g = analysis.groups[gi]
             _check_prunable(key, g, mask)
-            vote = torch.zeros(g.size, dtype=torch.bool).index_put_((units,), mask, accumulate=True)
+            votes[gi].index_put_((units,), mask, accumulate=True)
+            heard[gi][units] = True  # a producer says nothing of the units it does not cover
             own.update({q.node: (q, mask) for q in plist})
         else:
             raise MaskError(_bad_key(key, mask, g, plist, groups, producers))
-        unit_votes[gi] = vote if unit_votes[gi] is None else unit_votes[gi] | vote
-    keep_unit = [v if v is not None else torch.ones(g.size, dtype=torch.bool)
-                 for v, g in zip(unit_votes, analysis.groups)]
+    keep_unit = [v | ~h for v, h in zip(votes, heard)]
     masked_atom = _keep_atoms(analysis, keep_unit)
     keep_unit = [k.clone() for k in keep_unit]
     for root in force_keep:

@@ -3,7 +3,8 @@
 flatten (N, C, H, W) -> (N, C*H*W): feature c*H*W + j belongs to channel c, so the next Linear's
 columns follow their channel. A reshape that splits channels over several dimensions (channel
 shuffle's (N, C) -> (N, g, C/g)) must keep a rectangular grid after pruning: the units become the
-positions along the largest such dimension, each merged across the others.
+positions along the innermost such dimension, each merged across the others, so that the outer
+sizes (g groups, h heads) stay as the code computes them.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def on_grid(ctx: RuleContext, out: torch.Tensor) -> torch.Tensor:
     varying = [d for d, n in enumerate(compress(out).shape) if n > 1]
     if len(varying) <= 1:
         return out
-    keep = max(varying, key=lambda d: out.shape[d])
+    keep = varying[-1]  # the innermost: (g, C/g) keeps g groups of fewer channels, as the code computes
     return along(ctx.space.per_index(out, keep), keep, out.shape)
 
 
