@@ -49,7 +49,7 @@ class _Capture(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.name in self.wanted:
             args, _ = self.fetch_args_kwargs_from_env(n)
-            self.seen.setdefault(n.name, []).append(args[0].detach())
+            self.seen.setdefault(n.name, []).append(args[0].detach().clone())  # later in-place ops
         return super().run_node(n)
 
 

@@ -35,11 +35,11 @@ class Shapes:
         labels = self.plan.analysis.labels[node.name]
         small = compress(labels)
         dim %= labels.dim()
-        if small.shape[dim] == 1:
-            return torch.ones(labels.shape[dim], dtype=torch.bool)
         rows = small.movedim(dim, 0).reshape(small.shape[dim], -1)
-        kept = (rows >= 0) & self.plan.kept(rows)
-        return kept.any(1) | (rows < 0).all(1)  # an index survives if a channel in it does
+        kept = ((rows >= 0) & self.plan.kept(rows)).any(1) | (rows < 0).all(1)  # a channel in it survives
+        if small.shape[dim] == 1:  # constant along dim: it shrinks only if it has a single index
+            return kept.expand(1) if labels.shape[dim] == 1 else torch.ones(labels.shape[dim], dtype=torch.bool)
+        return kept
 
     def new_shape(self, node: torch.fx.Node) -> list[int]:
         labels = self.plan.analysis.labels[node.name]

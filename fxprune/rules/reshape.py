@@ -33,6 +33,9 @@ def channel_shuffle(ctx: RuleContext, x: torch.Tensor, groups: int | None = None
     """(N, C, ...) -> (N, g, C/g, ...) -> transpose -> (N, C, ...), on a grid like its reshapes."""
     groups = ctx.module.groups if ctx.node.op == "call_module" else groups
     n, c, *rest = x.shape
+    if c == groups:  # one channel per group: removing one would change the group count
+        ctx.space.union_all(x)
+        return x
     grid = on_grid(ctx, compressed(x.reshape(n, groups, c // groups, *rest)))
     return compressed(grid.transpose(1, 2).reshape(x.shape))
 
