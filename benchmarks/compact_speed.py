@@ -65,7 +65,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from report import code_version, command, load_average
 from report import machine as machine_parts
@@ -629,7 +628,7 @@ def targets(results: dict, args, with_tp: bool, scale_lines) -> list[str]:
     if worst:
         over = [f"{n} {w:.2f}x" for w, n in worst if w > 3]
         w, n = max(worst)
-        lines.append(f"- peak memory within 3x (parameters + one forward pass): "
+        lines.append("- peak memory within 3x (parameters + one forward pass): "
                      + (f"MISSED on {', '.join(over)}." if over else f"met (worst: {n}, {w:.2f}x)."))
     return lines + [""]
 

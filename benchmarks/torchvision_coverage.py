@@ -495,8 +495,8 @@ def section(results: list[dict], skipped: dict, info: dict) -> str:
              f"ones); \"flagged\": groups `analyze` marks not prunable (reasons shortened, × count); "
              f"\"1-channel\": prunable groups of one channel (not masked); \"kept\" / \"folded\": removed "
              f"channels that `compact` kept zeroed / folded into a consumer's bias. Times are CPU seconds "
-             f"of the model's subprocess. Each model runs in its own subprocess (limit {args.timeout:.0f} s, "
-             f"{args.max_memory_gb:g} GiB resident). Whole run: {info['elapsed_s'] / 60:.1f} min.", "",
+             f"of the model's subprocess. Each model runs in its own subprocess (limit {info['timeout']:.0f} s, "
+             f"{info['max_memory_gb']:g} GiB resident). Whole run: {info['elapsed_s'] / 60:.1f} min.", "",
              f"**{totals(results, skipped)}.**", "", table(results), ""]
     fails = failures_text(results)
     if fails:

@@ -10,7 +10,7 @@ from networkx.utils import UnionFind
 from tabulate import tabulate
 from torch import nn
 
-from . import rules
+from . import rules  # noqa: F401  (registers the channel rules)
 from .labels import NONE, LabelSpace, Member, Producer, compress
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
 from .trace import trace

@@ -9,7 +9,7 @@ import torch
 
 from .analysis import Analysis, ChannelGroup
 from .errors import MaskError
-from .labels import NONE, Producer
+from .labels import Producer
 
 Masks = Mapping[str, torch.Tensor]
 

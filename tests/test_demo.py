@@ -16,15 +16,6 @@ demo = sys.modules["fxprune_demo"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
 
 
-@pytest.fixture
-def one_thread():
-    """Run single-threaded (as the demo does), restoring the thread count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_task(name: str) -> "demo.Task":
     if name == "mnist1d":  # generate only 320 signals (256 train, 64 test)
         return demo.Task(name, *data.mnist1d(num_samples=320), spatial_dims=1)
@@ -33,7 +24,7 @@ def _tiny_task(name: str) -> "demo.Task":
 
 
 @pytest.mark.parametrize("dataset", ["mnist1d", "digits"])
-def test_run_is_exact_and_smaller(dataset, one_thread):
+def test_run_is_exact_and_smaller(dataset):
     r = demo.run(_tiny_task(dataset), epochs=1, keep=0.5, timing_repeats=1, log=lambda s: None)
     assert r.error < demo.TOLERANCE
     before, after = r.cost_before, r.cost_after

@@ -13,14 +13,6 @@ import fxprune
 X = torch.randn(2, 3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def keep(n: int, *drop: int) -> torch.Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[list(drop)] = False

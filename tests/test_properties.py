@@ -19,15 +19,6 @@ from strategies import ModelSpec, group_votes, masks_for, model_specs, producer_
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
@@ -263,7 +254,7 @@ def test_compact_composes(spec, data):
 
     # Combined masks on the original model, one per module producer: stage 1 zeroes eff1; of
     # the surviving channels, stage 2 zeroes eff2.
-    units1, units2 = producer_units(a1), producer_units(a2)
+    units1 = producer_units(a1)
     eff1, eff2 = producer_masks(a1, k1), producer_masks(a2, k2)
     combined = {}
     for name, m1 in eff1.items():

@@ -29,15 +29,6 @@ from fxprune.rules import RULES
 OUTPUT = "reaches the model output"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are much faster on one thread (and immune to a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _EXPECTED_FAILURE = False
 
 
