@@ -58,7 +58,7 @@ def consumer_inputs(reference: torch.fx.GraphModule, nodes: set[str], example_in
     probe = _Capture(reference, nodes)
     with torch.no_grad():
         for inputs in (as_tuple(example_inputs), _perturbed(as_tuple(example_inputs))):
-            probe.run(*inputs)
+            probe.run(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])  # in-place ops
     return {k: torch.cat(v) for k, v in probe.seen.items()}
 
 

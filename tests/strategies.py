@@ -44,9 +44,10 @@ MAX_HW = 12
 
 SHUFFLE_STYLES = ("literal", "computed", "module", "functional")
 
-# In-place activations where the input may have other users (a standalone activation block, the
-# first op of a branch): off, compact's constant folding is wrong there (see test_properties.py).
-SHARED_INPLACE = False
+# In-place activations also where the input may have other users (a standalone activation block,
+# the first op of a branch, even the model input): compact's constant probe once read values that a
+# later in-place op had changed (test_inplace_activation_on_a_shared_tensor).
+SHARED_INPLACE = True
 INPLACE = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish,
            "leaky_relu": lambda inplace: nn.LeakyReLU(0.1, inplace=inplace)}
 ACTIVATIONS = ("relu", "silu", "sigmoid", "hardswish", "gelu", "tanh", "leaky_relu", "identity")
@@ -443,9 +444,7 @@ class _Builder:
         return BN(self.name("bn"), c, not self.flag(0.15))
 
     def act(self, kinds=ACTIVATIONS, inplace: bool = False) -> Act:
-        """An activation; ``inplace`` allows an in-place one (only where its input has no other
-        user: an in-place op on a shared tensor breaks compact's constant folding, see
-        test_properties.py)."""
+        """An activation; ``inplace`` allows an in-place one."""
         kind = self.pick(kinds)
         return Act(self.name("act"), kind, inplace and kind in INPLACE and self.flag(0.4))
 
@@ -502,9 +501,9 @@ class _Builder:
             return specs, c * mult, h, w
         if kind == "shuffle":
             g = self.pick([g for g in (2, 4) if c % g == 0])
-            # Only "literal" when c == g (one channel per group): compact then changes the groups
-            # count, which it cannot rewrite unless it is a literal view size (see test_properties.py).
-            styles = [s for s in self.shuffle_styles if s == "literal" or c > g] or ["literal"]
+            # No "computed" view with one channel per group (c == g): compact then changes the
+            # groups count, which it cannot rewrite there (test_computed_channel_shuffle).
+            styles = [s for s in self.shuffle_styles if s != "computed" or c > g] or ["literal"]
             return [Shuffle(g, self.pick(styles), self.name("shuffle"), self.n, c, h, w)], c, h, w
         if kind == "slice":
             start = self.ints(0, c - 1)
@@ -749,9 +748,8 @@ def masks_for(draw, analysis: fxprune.Analysis, producer_keys: bool = True, avoi
     module names, possibly disagreeing between coupled producers, possibly covering only part of
     the group (a producer that is one input of a cat). With ``avoid_empty``, masks never remove every
     element of a graph value (a producer's output, a slice, a split piece) while keeping some of
-    its group: compact refuses those with a MaskError. ``avoid_empty="one-channel"`` avoids only
-    emptying values that carry a single label, which compact still fails on (see
-    test_properties.py).
+    its group (compact refuses those with a MaskError). ``avoid_empty="one-channel"`` avoids only
+    emptying values that carry a single label.
     """
     units = producer_units(analysis)
     masks, by = {}, {}
