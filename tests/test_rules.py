@@ -228,12 +228,12 @@ class Case:
     leaf_modules: tuple = ()
 
 
-def run_case(case: Case):
+def check_case(case: Case):
     with brief_if_expected():
-        return _run_case(case)
+        return _check_case(case)
 
 
-def _run_case(case: Case):
+def _check_case(case: Case):
     torch.manual_seed(0)
     model = randomize(case.make()).eval()
     x = case.x()
@@ -379,7 +379,7 @@ CONV = {
 
 @pytest.mark.parametrize("case", cases(CONV))
 def test_conv(case):
-    run_case(case)
+    check_case(case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ LINEAR = {
 
 @pytest.mark.parametrize("case", cases(LINEAR))
 def test_linear_and_embedding(case):
-    run_case(case)
+    check_case(case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ NORM = {
 
 @pytest.mark.parametrize("case", cases(NORM))
 def test_norm(case):
-    run_case(case)
+    check_case(case)
 
 
 class FunctionalNorm(nn.Module):
@@ -523,7 +523,7 @@ class FunctionalNorm(nn.Module):
     ("F.batch_norm", {"w": (6,), "b": (6,), "rm": (6,), "rv": (6,)}), ("F.instance_norm", {"w": (6,), "b": (6,)}),
 ])
 def test_functional_per_channel_norm(kind, shapes):
-    run_case(Case(
+    check_case(Case(
         lambda: FunctionalNorm(kind), X, PER_CHANNEL, {"a": keep(8, 1, 6)}, shapes={**shapes, "c.weight": (4, 6, 1, 1)},
         check=lambda model, an, small: torch.testing.assert_close(small.w, model.w[[0, 2, 3, 4, 5, 7]], rtol=0, atol=0),
     ))
@@ -531,7 +531,7 @@ def test_functional_per_channel_norm(kind, shapes):
 
 @pytest.mark.parametrize("kind", ["F.group_norm", "F.layer_norm"])
 def test_functional_norm_across_channels_is_not_exactly_prunable(kind):
-    run_case(Case(
+    check_case(Case(
         lambda: FunctionalNorm(kind), X, {"a": (8, False), "c": (4, False)},
         reasons={"a": ["not exactly prunable", kind[2:], "normalises over channels"]},
     ))
@@ -576,14 +576,14 @@ ELEMENTWISE = {
 
 @pytest.mark.parametrize("fn", list(ELEMENTWISE.values()), ids=list(ELEMENTWISE))
 def test_elementwise(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, c=nn.Conv2d(8, 4, 1)), X, PER_CHANNEL, {"a": keep(8, 1, 6)},
         shapes={"a.weight": (6, 3, 1, 1), "c.weight": (4, 6, 1, 1)},
     ))
 
 
 def test_prelu_per_channel_weights_follow_their_channels():
-    model, an, small = run_case(Case(
+    model, an, small = check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), p=nn.PReLU(8), c=nn.Conv2d(8, 4, 1)), X, PER_CHANNEL, {"a": keep(8, 1, 6)},
         shapes={"p.weight": (6,)}, attrs={"p.num_parameters": 6},
     ))
@@ -592,7 +592,7 @@ def test_prelu_per_channel_weights_follow_their_channels():
 
 
 def test_prelu_per_channel_after_linear():
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Linear(5, 8), p=nn.PReLU(8), c=nn.Linear(8, 4)), img(4, 5), {"a": (8, True), "c": (4, False)},
         {"a": keep(8, 0)}, shapes={"p.weight": (7,), "c.weight": (4, 7)},
     ))
@@ -600,7 +600,7 @@ def test_prelu_per_channel_after_linear():
 
 def test_constant_after_activation_is_folded():
     """sigmoid(0) = 0.5 at a removed channel: folded into the 1x1 consumer's bias, still exact."""
-    _, _, small = run_case(Case(
+    _, _, small = check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=nn.Sigmoid(), c=nn.Conv2d(8, 4, 1, bias=False)), X, PER_CHANNEL,
         {"a": keep(8, 2)}, shapes={"c.weight": (4, 7, 1, 1), "c.bias": (4,)},
     ))
@@ -631,7 +631,7 @@ COUPLING_OPS = {
 
 @pytest.mark.parametrize("op", list(COUPLING_OPS.values()), ids=list(COUPLING_OPS))
 def test_elementwise_binary_couples_operands(op):
-    run_case(Case(
+    check_case(Case(
         two_convs(op), X, PER_CHANNEL, {"a": keep(8, 1, 6)},
         shapes={"a.weight": (6, 3, 1, 1), "b.weight": (6, 3, 1, 1), "b.bias": (6,), "c.weight": (4, 6, 1, 1)},
         check=producers_are("a", ["a", "b"]),
@@ -647,7 +647,7 @@ DIVISIONS = {
 
 @pytest.mark.parametrize("op", list(DIVISIONS.values()), ids=list(DIVISIONS))
 def test_dividing_by_channels_is_flagged(op):
-    run_case(Case(
+    check_case(Case(
         two_convs(lambda a, b: op(a, b.abs() + 1)), X, {"a": (8, False), "c": (4, False)},
         reasons={"a": "divides by channel values"},
     ))
@@ -655,7 +655,7 @@ def test_dividing_by_channels_is_flagged(op):
 
 @pytest.mark.parametrize("fn", [lambda t: 1 / t, lambda t: torch.div(1.0, t)], ids=["1/y", "torch.div(1, y)"])
 def test_scalar_divided_by_channels_is_flagged(fn):
-    run_case(Case(take(fn, 8), X, {"a": (8, False), "c": (4, False)}, reasons={"a": "divides by channel values"}))
+    check_case(Case(take(fn, 8), X, {"a": (8, False), "c": (4, False)}, reasons={"a": "divides by channel values"}))
 
 
 class SqueezeExcite(nn.Module):
@@ -715,7 +715,7 @@ ARITHMETIC = {
 
 @pytest.mark.parametrize("case", cases(ARITHMETIC))
 def test_arithmetic_broadcasting(case):
-    run_case(case)
+    check_case(case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -873,7 +873,7 @@ def test_slicing_channels_shifts_offsets(spec, inside):
     fn, start, length = spec
     drop = start + 1 if inside else (start - 1 if start > 0 else start + length)
     kept = [i for i in range(length) if start + i != drop]
-    run_case(Case(
+    check_case(Case(
         take(fn, length), X, PER_CHANNEL, {"a": keep(8, drop)},
         shapes={"a.weight": (7, 3, 1, 1), "c.weight": (4, len(kept), 1, 1)}, check=columns_removed("c", kept),
     ))
@@ -881,7 +881,7 @@ def test_slicing_channels_shifts_offsets(spec, inside):
 
 @pytest.mark.parametrize("case", cases(CONCAT))
 def test_concat_split_index(case):
-    run_case(case)
+    check_case(case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -906,7 +906,7 @@ FLATTENS = {
 @pytest.mark.parametrize("fn", list(FLATTENS.values()), ids=list(FLATTENS))
 def test_flatten_into_linear_owns_spatial_features(fn):
     """Channel c of a (N, 4, 3, 3) map owns Linear columns 9c .. 9c + 8."""
-    run_case(Case(
+    check_case(Case(
         into_linear(fn), lambda: torch.randn(2, 3, 5, 5), {"a": (4, True), "l": (5, False)}, {"a": keep(4, 1)},
         shapes={"a.weight": (3, 3, 3, 3), "l.weight": (5, 27)}, attrs={"l.in_features": 27},
         check=columns_removed("l", list(range(9)) + list(range(18, 36))),
@@ -925,7 +925,7 @@ PERMUTES = {
 
 @pytest.mark.parametrize("fn", list(PERMUTES.values()), ids=list(PERMUTES))
 def test_permute_into_channels_last_linear(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 4, 1), f=fn, l=nn.Linear(4, 6)), X, {"a": (4, True), "l": (6, False)},
         {"a": keep(4, 1)}, shapes={"l.weight": (6, 3)}, check=columns_removed("l", [0, 2, 3]),
     ))
@@ -959,7 +959,7 @@ MODULE_SHUFFLES = {
     "fn", list(SHUFFLES.values()) + list(MODULE_SHUFFLES.values()), ids=list(SHUFFLES) + list(MODULE_SHUFFLES),
 )
 def test_channel_shuffle_stays_exact(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, c=nn.Conv2d(8, 4, 1)), X, SHUFFLE, {"a": keep(4, 1)},
         shapes={"a.weight": (6, 3, 1, 1), "c.weight": (4, 6, 1, 1)}, check=columns_removed("c", [0, 1, 4, 5, 6, 7]),
     ))
@@ -986,7 +986,7 @@ PIXEL_UN = {
 @pytest.mark.parametrize("spec", list(PIXEL.values()), ids=list(PIXEL))
 def test_pixel_shuffle_units_are_blocks_of_r_squared(spec):
     fn, c_in, c_mid = spec
-    model, _, small = run_case(Case(
+    model, _, small = check_case(Case(
         lambda: seq(a=nn.Conv2d(3, c_in, 1), f=fn, c=nn.Conv2d(c_mid, 4, 1)), X, {"a": (4, True), "c": (4, False)},
         {"a": keep(4, 1)}, shapes={"a.weight": (12, 3, 1, 1), "c.weight": (4, 3, 1, 1)},
         check=columns_removed("c", [0, 2, 3]),
@@ -997,7 +997,7 @@ def test_pixel_shuffle_units_are_blocks_of_r_squared(spec):
 @pytest.mark.parametrize("spec", list(PIXEL_UN.values()), ids=list(PIXEL_UN))
 def test_pixel_unshuffle_channel_owns_r_squared_columns(spec):
     fn, c_in, c_mid = spec
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, c_in, 1), f=fn, c=nn.Conv2d(c_mid, 4, 1)), X, {"a": (4, True), "c": (4, False)},
         {"a": keep(4, 1)}, shapes={"a.weight": (3, 3, 1, 1), "c.weight": (4, 12, 1, 1)},
         check=columns_removed("c", [0, 1, 2, 3] + list(range(8, 16))),
@@ -1016,7 +1016,7 @@ MOVES = {
 
 @pytest.mark.parametrize("fn", list(MOVES.values()), ids=list(MOVES))
 def test_moves_keep_channels(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, c=nn.Conv2d(8, 4, 1)), X, PER_CHANNEL, {"a": keep(8, 7)},
         shapes={"c.weight": (4, 7, 1, 1)},
     ))
@@ -1033,14 +1033,14 @@ ROLLS = {
 def test_roll_over_channels_is_a_boundary(spec):
     """Removing a channel would change which channels wrap around."""
     fn, op = spec
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, c=nn.Conv2d(8, 4, 1)), X, {"a": (8, False), "c": (4, False)},
         reasons={"a": [op, "rolls channels"]},
     ))
 
 
 def test_repeat_channels_duplicates_columns():
-    run_case(Case(
+    check_case(Case(
         take(lambda t: t.repeat(1, 2, 1, 1), 16), X, PER_CHANNEL, {"a": keep(8, 1)},
         check=columns_removed("c", [i for i in range(16) if i not in (1, 9)]),
     ))
@@ -1067,7 +1067,7 @@ SPATIAL_REDUCTIONS = {
 
 @pytest.mark.parametrize("fn", list(SPATIAL_REDUCTIONS.values()), ids=list(SPATIAL_REDUCTIONS))
 def test_spatial_reduction_keeps_channels(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, l=nn.Linear(8, 4)), X, {"a": (8, True), "l": (4, False)},
         {"a": keep(8, 1, 6)}, shapes={"a.weight": (6, 3, 1, 1), "l.weight": (4, 6)}, attrs={"l.in_features": 6},
         check=columns_removed("l", [0, 2, 3, 4, 5, 7]),
@@ -1093,7 +1093,7 @@ CHANNEL_REDUCTIONS = {
 @pytest.mark.parametrize("spec", list(CHANNEL_REDUCTIONS.values()), ids=list(CHANNEL_REDUCTIONS))
 def test_reducing_over_channels_is_not_exactly_prunable(spec):
     fn, why = spec
-    model, an, _ = run_case(Case(
+    model, an, _ = check_case(Case(
         take(fn, 8), X, {"a": (an_size(fn), False), "c": (4, False)}, reasons={"a": ["not exactly prunable", why]},
     ))
     assert not an.group("a").exact
@@ -1119,7 +1119,7 @@ SOFTMAX_SPATIAL = {
 
 @pytest.mark.parametrize("fn", list(SOFTMAX_SPATIAL.values()), ids=list(SOFTMAX_SPATIAL))
 def test_softmax_over_spatial_dims_keeps_channels(fn):
-    run_case(Case(take(fn, 8), X, PER_CHANNEL, {"a": keep(8, 4)}, shapes={"c.weight": (4, 7, 1, 1)}))
+    check_case(Case(take(fn, 8), X, PER_CHANNEL, {"a": keep(8, 4)}, shapes={"c.weight": (4, 7, 1, 1)}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1142,7 +1142,7 @@ POOLS = {
 
 @pytest.mark.parametrize("fn", list(POOLS.values()), ids=list(POOLS))
 def test_pooling_and_resampling_keep_channels(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, c=nn.Conv2d(8, 4, 1)), img(2, 3, 8, 8), PER_CHANNEL,
         {"a": keep(8, 0, 5)}, shapes={"a.weight": (6, 3, 1, 1), "c.weight": (4, 6, 1, 1)},
     ))
@@ -1159,7 +1159,7 @@ POOLS_1D_3D = {
 @pytest.mark.parametrize("spec", list(POOLS_1D_3D.values()), ids=list(POOLS_1D_3D))
 def test_pooling_1d_3d(spec):
     fn, conv, x = spec
-    run_case(Case(lambda: seq(a=conv(3, 8, 1), f=fn, c=conv(8, 4, 1)), x, PER_CHANNEL, {"a": keep(8, 3)}))
+    check_case(Case(lambda: seq(a=conv(3, 8, 1), f=fn, c=conv(8, 4, 1)), x, PER_CHANNEL, {"a": keep(8, 3)}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1180,7 +1180,7 @@ SPATIAL_PADS = {
 
 @pytest.mark.parametrize("fn", list(SPATIAL_PADS.values()), ids=list(SPATIAL_PADS))
 def test_spatial_padding_keeps_channels(fn):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), f=fn, c=nn.Conv2d(8, 4, 1)), X, PER_CHANNEL, {"a": keep(8, 1)},
     ))
 
@@ -1196,7 +1196,7 @@ CHANNEL_PADS = {  # (pad fn, entries before, entries after)
 def test_constant_pad_on_channels_adds_non_channel_entries(spec):
     fn, before, after = spec
     n = 4 + before + after
-    model, an, _ = run_case(Case(
+    model, an, _ = check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 4, 1), f=fn, c=nn.Conv2d(n, 5, 1)), X, {"a": (4, True), "c": (5, False)},
         {"a": keep(4, 1)}, shapes={"c.weight": (5, n - 1, 1, 1)},
         check=columns_removed("c", [i for i in range(n) if i != before + 1]),
@@ -1232,13 +1232,13 @@ class ShapeArithmetic(nn.Module):
 
 
 def test_shape_queries_follow_compaction():
-    run_case(Case(
+    check_case(Case(
         Queries, X, {"a": (8, True), "l": (4, False)}, {"a": keep(8, 1, 2)}, shapes={"l.weight": (4, 6)},
     ))
 
 
 def test_shape_arithmetic_on_python_ints():
-    run_case(Case(
+    check_case(Case(
         ShapeArithmetic, lambda: torch.randn(2, 3, 5, 5), {"a": (4, True), "l": (5, False)}, {"a": keep(4, 1)},
         shapes={"l.weight": (5, 27)},
     ))
@@ -1254,7 +1254,7 @@ class Custom(nn.Module):
 
 
 def test_unregistered_function_is_a_boundary_naming_the_op():
-    model, an, _ = run_case(Case(
+    model, an, _ = check_case(Case(
         two_convs(lambda a, b: torch.cumsum(a, dim=1) + b), X, {"a": (8, False), "b": (1, False), "c": (4, False)},
         reasons={"a": ["cumsum", "no channel rule"], "b": "cumsum"},
     ))
@@ -1262,7 +1262,7 @@ def test_unregistered_function_is_a_boundary_naming_the_op():
 
 @pytest.mark.parametrize("leaf", ["cu", Custom], ids=["by-name", "by-type"])
 def test_custom_leaf_module_is_a_boundary_naming_the_module(leaf):
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), cu=Custom(), c=nn.Conv2d(8, 4, 1)), X,
         {"a": (8, False), "c": (4, False)}, reasons={"a": ["Custom module 'cu'", "no channel rule"]},
         leaf_modules=(leaf,),
@@ -1270,7 +1270,7 @@ def test_custom_leaf_module_is_a_boundary_naming_the_module(leaf):
 
 
 def test_traced_through_custom_module_is_not_a_boundary():
-    run_case(Case(
+    check_case(Case(
         lambda: seq(a=nn.Conv2d(3, 8, 1), cu=Custom(), c=nn.Conv2d(8, 4, 1)), X, PER_CHANNEL, {"a": keep(8, 1)},
     ))
 
@@ -1286,7 +1286,7 @@ class TwoOutputs(nn.Module):
 
 
 def test_model_output_groups_are_not_prunable():
-    model, an, small = run_case(Case(
+    model, an, small = check_case(Case(
         TwoOutputs, X, {"a": (8, True), "b": (6, False), "c": (4, False)}, {"a": keep(8, 3)},
         reasons={"b": OUTPUT, "c": OUTPUT},
     ))
@@ -1329,7 +1329,7 @@ def test_module_called_twice_shares_its_output_channels():
     model = SharedConv()
     an = fxprune.analyze(model, X())
     assert an.group("s").size == 8 and an.group("s").prunable
-    _, _, small = run_case(Case(
+    _, _, small = check_case(Case(
         SharedConv, X, table(an), {"s": keep(8, 1)}, shapes={"s.weight": (7, 6, 1, 1), "c.weight": (4, 14, 1, 1)},
         check=columns_removed("c", [i for i in range(16) if i not in (1, 9)]),
     ))
@@ -1370,7 +1370,7 @@ class LeNet(nn.Module):
 
 def test_python_literal_view_size_is_rewritten():
     drop = [1, 7, 15]
-    model, an, small = run_case(Case(
+    model, an, small = check_case(Case(
         LeNet, lambda: torch.randn(3, 1, 32, 32),
         {"conv1": (6, True), "conv2": (16, True), "fc1": (120, True), "fc2": (84, True), "fc3": (10, False)},
         {"conv2": keep(16, *drop), "conv1": keep(6, 0), "fc1": keep(120, *range(0, 120, 2))},
