@@ -404,6 +404,7 @@ class _Builder:
         self.n = n
         self.shuffle_styles = shuffle_styles
         self.prefix = ""  # modules live in nested containers, so that names have dots
+        self.shuffled = False  # a shuffle came before: later ones are "literal" only
         self.count = 0
 
     def name(self, kind: str) -> str:
@@ -502,8 +503,12 @@ class _Builder:
         if kind == "shuffle":
             g = self.pick([g for g in (2, 4) if c % g == 0])
             # No "computed" view with one channel per group (c == g): compact then changes the
-            # groups count, which it cannot rewrite there (test_computed_channel_shuffle).
-            styles = [s for s in self.shuffle_styles if s != "computed" or c > g] or ["literal"]
+            # groups count, which it cannot rewrite there (test_computed_channel_shuffle). After a
+            # first shuffle, "literal" only (test_channel_shuffle_after_channel_shuffle).
+            styles = [s for s in self.shuffle_styles if s != "computed" or c > g]
+            if self.shuffled:
+                styles = ["literal"]
+            self.shuffled = True
             return [Shuffle(g, self.pick(styles), self.name("shuffle"), self.n, c, h, w)], c, h, w
         if kind == "slice":
             start = self.ints(0, c - 1)

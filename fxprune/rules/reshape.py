@@ -33,10 +33,7 @@ def channel_shuffle(ctx: RuleContext, x: torch.Tensor, groups: int | None = None
     """(N, C, ...) -> (N, g, C/g, ...) -> transpose -> (N, C, ...), on a grid like its reshapes."""
     groups = ctx.module.groups if ctx.node.op == "call_module" else groups
     n, c, *rest = x.shape
-    if c == groups:  # one channel per group: removing one would change the group count
-        ctx.space.union_all(x)
-        return x
-    grid = on_grid(ctx, compressed(x.reshape(n, groups, c // groups, *rest)))
+    grid = on_grid(ctx, compressed(x.reshape(n, groups, c // groups, *rest)), inner=2)
     return compressed(grid.transpose(1, 2).reshape(x.shape))
 
 
@@ -51,12 +48,16 @@ def split_dims(ctx: RuleContext, *args, **kwargs) -> torch.Tensor:  # out[idx'] 
     return on_grid(ctx, run_on_labels(ctx, args, kwargs))
 
 
-def on_grid(ctx: RuleContext, out: torch.Tensor) -> torch.Tensor:
-    """Labels that vary along one dimension only, so that pruning leaves a rectangular tensor."""
+def on_grid(ctx: RuleContext, out: torch.Tensor, inner: int | None = None) -> torch.Tensor:
+    """Labels that vary along one dimension only, so that pruning leaves a rectangular tensor.
+
+    The units run along the innermost varying dimension, or along ``inner`` where the op fixes the
+    outer sizes (channel shuffle's group count), each merged across the others.
+    """
     varying = [d for d, n in enumerate(compress(out).shape) if n > 1]
-    if len(varying) <= 1:
+    if inner is None and len(varying) <= 1:
         return out
-    keep = varying[-1]  # the innermost: (g, C/g) keeps g groups of fewer channels, as the code computes
+    keep = varying[-1] if inner is None else inner
     return along(ctx.space.per_index(out, keep), keep, out.shape)
 
 
