@@ -57,6 +57,9 @@ def on_grid(ctx: RuleContext, out: torch.Tensor, inner: int | None = None) -> to
     varying = [d for d, n in enumerate(compress(out).shape) if n > 1]
     if inner is None and len(varying) <= 1:
         return out
+    if inner is not None and inner not in varying:  # every inner position holds the same units
+        atom = ctx.space.union_all(out)
+        return torch.full((1,) * out.dim(), atom, dtype=torch.long).expand(out.shape)
     keep = varying[-1] if inner is None else inner
     return along(ctx.space.per_index(out, keep), keep, out.shape)
 
