@@ -52,11 +52,11 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
     plan = resolve(analysis, masks)
     _check_not_emptied(plan)
     folds, report = [], []
-    if dropped_inputs(plan):
-        reference = _copy(analysis.gm).eval()
-        mask_channels(reference, plan.producer_masks)
-        values = consumer_inputs(reference, {m.node for m, _ in dropped_inputs(plan)}, example_inputs)
-        keep, folds, report = plan_folds(analysis.gm, plan, values)
+    lost = dropped_inputs(plan)
+    if lost:
+        reference = apply_masks(model, masks, example_inputs, analysis).eval()
+        values = consumer_inputs(reference, {m.node for m, _ in lost}, example_inputs)
+        keep, folds, report = plan_folds(analysis.gm, plan, lost, values)
         if keep:
             plan = resolve(analysis, masks, force_keep=keep)
             warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(

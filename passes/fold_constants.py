@@ -86,8 +86,9 @@ def dropped_inputs(plan: Plan) -> list[tuple[Any, torch.Tensor]]:
     return out
 
 
-def plan_folds(gm: torch.fx.GraphModule, plan: Plan, values: dict[str, torch.Tensor]):
-    """Decide, per removed channel reaching a consumer, to drop, fold or keep it.
+def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: dict[str, torch.Tensor]):
+    """Decide, per removed channel reaching a consumer (``lost_inputs``, from
+    :func:`dropped_inputs`), to drop, fold or keep it.
 
     Returns (unit roots to keep, folds, adjustments). A channel kept for one consumer is kept for
     all, so folds are decided only once every keep is known.
@@ -95,7 +96,7 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, values: dict[str, torch.Ten
     analysis = plan.analysis
     nodes = {n.name: n for n in gm.graph.nodes}
     keep, seen, folds, report = set(), [], [], []
-    for m, lost in dropped_inputs(plan):
+    for m, lost in lost_inputs:
         node = nodes[m.node]
         module = gm.get_submodule(node.target)
         x = values[m.node].movedim(m.input_dim, 0)[lost].reshape(len(lost), -1)
