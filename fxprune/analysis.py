@@ -1,6 +1,7 @@
 """Channel-dependency analysis: find every set of coupled channels in a traced model."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_
 from .trace import trace
 
 OUTPUT_REASON = "reaches the model output"
+GRID_LIMIT = 1 << 22  # entries of a tensor used directly with several dims that get their own atoms
+GRID_RULES = (rules.arithmetic.arithmetic, rules.concat.cat)  # the uses that couple such entries one to one
 INPUT_REASON = "comes from the model input"
 
 
@@ -46,7 +49,8 @@ class ChannelGroup:
     prunable: bool
     reason: str | None
     producers: list[str]
-    exact: bool = True
+    exact: bool = True  # removing a channel leaves the others unchanged (nothing normalises across them)
+    blocked: bool = False  # some channel can never be removed (a boundary, the model output)
 
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"not prunable: {self.reason}"
@@ -133,10 +137,16 @@ class _LabelInterpreter(torch.fx.Interpreter):
         if not dims:
             return torch.full((1,) * value.dim(), NONE, dtype=torch.long).expand(value.shape)
         if len(dims) > 1:
-            return self.space.fixed(value.shape, f"tensor '{n.target}' is used directly with several dims")
-        atoms = self.space.owned(n.target, "out", value.shape[dims[0]])
+            if value.numel() > GRID_LIMIT or not all(find_rule(u, self.module) in GRID_RULES for u in n.users):
+                return self.space.fixed(value.shape, f"tensor '{n.target}' is used directly with several dims")
+            # added or concatenated: which dim holds channels shows once those ops have coupled its entries
+            atoms = self.space.fresh(value.numel()).reshape(value.shape)
+            self.space.grids.append((self.space.canonical(n.target), n.name, atoms))
+            return atoms
+        owner = self.space.canonical(n.target)
+        atoms = self.space.owned(owner, "out", value.shape[dims[0]])
         self.space.add_producer(Producer(n.name, n.target, dims[0], atoms, "attribute"))
-        self.space.add_member(Member(n.target, dims[0], atoms, "out", n.name))
+        self.space.add_member(Member(owner, dims[0], atoms, "out", n.name))
         view = [1] * value.dim()
         view[dims[0]] = -1
         return atoms.reshape(view).expand(value.shape)
@@ -150,7 +160,7 @@ def analyze(
     >>> print(analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224)))
     """
     gm = trace(model, example_inputs, leaf_modules, concrete_args)
-    space = LabelSpace()
+    space = LabelSpace(aliases=tensor_aliases(gm))
     interpreter = _LabelInterpreter(gm, space)
     interpreter.run(*[None] * len(gm.graph.find_nodes(op="placeholder")))
     labels = {n.name: compressed(v) for n, v in interpreter.env.items()}
@@ -159,10 +169,22 @@ def analyze(
     return analysis
 
 
+def tensor_aliases(module: nn.Module) -> dict[str, str]:
+    """Every further name of a parameter or buffer registered under several names -> its first name,
+    in the order ``named_parameters``/``named_buffers`` list them."""
+    first: dict[int, str] = {}
+    aliases = {}
+    named = itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        aliases[name] = first.setdefault(id(t), name)
+    return {k: v for k, v in aliases.items() if k != v}
+
+
 def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) -> Analysis:
     roots = space.roots()
-    blocked = {int(roots[a]): r for a, r in space.blocked.items()}
-    inexact = {int(roots[a]): r for a, r in space.inexact.items()}
+    _resolve_grids(space, roots)
+    blocked = _by_root(space.blocked, roots)
+    inexact = _by_root(space.inexact, roots)
     components = UnionFind()
     for p in space.producers:
         units = roots[p.atoms].tolist()
@@ -189,11 +211,31 @@ def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) 
         groups.append(ChannelGroup(
             name=name, size=len(units), members=[], prunable=reason is None and soft is None,
             reason=reason or (f"not exactly prunable: {soft}" if soft else None),
-            producers=list(dict.fromkeys(p.name for p in plist)), exact=soft is None,
+            producers=list(dict.fromkeys(p.name for p in plist)), exact=soft is None, blocked=reason is not None,
         ))
     group_of, unit_in = _unit_arrays(len(roots), unit_of)
     _attach_members(groups, space, labels, roots, group_of, unit_in)
     return Analysis(gm, space, groups, labels, roots, unit_of, group_of=group_of, unit_in=unit_in)
+
+
+def _by_root(reasons: dict[int, str], roots: torch.Tensor) -> dict[int, str]:
+    """Reasons by atom -> reasons by unit root."""
+    atoms = torch.tensor(list(reasons), dtype=torch.long)
+    return dict(zip(roots[atoms].tolist(), reasons.values()))
+
+
+def _resolve_grids(space: LabelSpace, roots: torch.Tensor) -> None:
+    """Give each tensor used directly with several dims its channel dim: the one dim along which its
+    entries' units differ (a (1, S, E) position embedding added to an (N, S, E) stream: E). One whose
+    units differ along several dims cannot lose a unit as a slice: its units are blocked."""
+    for owner, node, atoms in space.grids:
+        units = compress(roots[atoms])
+        varying = [d for d in range(units.dim()) if units.shape[d] > 1]
+        if len(varying) == 1:
+            d = varying[0]
+            space.add_member(Member(owner, d, units.movedim(d, 0).reshape(-1), "channel", node))
+        elif len(varying) > 1:
+            space.block(units, f"tensor '{owner}' is used directly with channels along several dims")
 
 
 def _unit_arrays(n: int, unit_of: dict[int, tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from fxprune.passes.fold_constants import consumer_inputs, dropped_inputs, fold_constants, plan_folds
 from fxprune.passes.mask_channels import mask_channels
@@ -18,7 +19,7 @@ from fxprune.passes.slice_parameters import slice_parameters
 from .analysis import Analysis, analyze
 from .errors import CompactError, MaskError, TraceError
 from .masks import Masks, Plan, resolve
-from .trace import propagate_shapes
+from .trace import as_tuple, propagate_shapes
 
 
 def _analysis(model: nn.Module, example_inputs: Any, analysis: Analysis | None) -> Analysis:
@@ -34,41 +35,73 @@ def apply_masks(model: nn.Module, masks: Masks, example_inputs: Any, analysis: A
     """A copy of ``model``, shapes unchanged, in which every masked channel is exactly zero where it
     leaves its producer (after a BatchNorm that directly follows it). ``model`` is not changed."""
     analysis = _analysis(model, example_inputs, analysis)
-    plan = resolve(analysis, masks)
+    plan = resolve(analysis, masks, exact=False)  # zeroing is well defined even where removal is not exact
     gm = _copy(analysis.gm)
-    mask_channels(gm, plan.producer_masks)
+    mask_channels(gm, plan)
     return gm
 
 
-def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analysis | None = None) -> torch.fx.GraphModule:
+def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analysis | None = None,
+            exact: bool = True) -> torch.fx.GraphModule:
     """A new, dense ``GraphModule`` without the masked channels, equal to ``apply_masks``.
 
     ``masks`` maps a group name, or a producing module's qualified name, to a 1-D bool tensor
     (True keeps). A removed channel that still carries a constant is folded into its consumer's
     bias; one that carries anything else is kept (zeroed) and reported. Folding uses eval-mode
     values. The adjustments are in ``result.meta["fxprune_report"]``. ``model`` is not changed.
+
+    ``exact=False`` also prunes groups that are only approximately prunable (a LayerNorm over the
+    channels then normalises over the kept ones, as other pruning tools do); the largest deviation
+    from ``apply_masks`` on ``example_inputs`` is then measured, warned about and stored in
+    ``result.meta["fxprune_deviation"]``.
     """
     analysis = _analysis(model, example_inputs, analysis)
-    plan = resolve(analysis, masks)
+    plan = resolve(analysis, masks, exact=exact)
     _check_not_emptied(plan)
     folds, report = [], []
-    lost = dropped_inputs(plan)
+    lost = _exact_only(plan, dropped_inputs(plan))
     if lost:
         reference = apply_masks(model, masks, example_inputs, analysis).eval()
-        values = consumer_inputs(reference, {m.node for m, _ in lost}, example_inputs)
+        values = consumer_inputs(reference, {(m.node, m.input_arg) for m, _ in lost}, example_inputs)
         keep, folds, report = plan_folds(analysis.gm, plan, lost, values)
         if keep:
-            plan = resolve(analysis, masks, force_keep=keep)
+            plan = resolve(analysis, masks, force_keep=keep, exact=exact)
             warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
                 str(a) for a in report if a.action == "kept"), stacklevel=2)
     gm = slice_parameters(analysis.gm, plan)
     fold_constants(gm, folds, plan)
     resize_modules(gm, analysis.gm, Shapes(plan))
     rewrite_shapes(gm, plan)
-    mask_channels(gm, _kept_but_masked(plan))
+    mask_channels(gm, plan, compacted=True)
     _verify(gm, plan, example_inputs)
     gm.meta["fxprune_report"] = report
+    approximate = [g.name for g, keep in zip(analysis.groups, plan.keep_unit) if not g.exact and not bool(keep.all())]
+    if approximate:
+        gm.meta["fxprune_deviation"] = deviation = _deviation(gm, apply_masks(model, masks, example_inputs, analysis), example_inputs)
+        warnings.warn(f"compact(exact=False) pruned groups that are not exactly prunable ({', '.join(approximate)}): "
+                      f"the largest deviation from apply_masks on example_inputs is {deviation:.3g}", stacklevel=2)
     return gm
+
+
+def _exact_only(plan: Plan, lost: list) -> list:
+    """The lost inputs of exactly prunable groups (the others are removed whatever they carry)."""
+    analysis, out = plan.analysis, []
+    for m, index in lost:
+        roots = analysis.roots[m.atoms[index]]
+        exact = torch.tensor([analysis.groups[int(analysis.group_of[r])].exact for r in roots], dtype=torch.bool)
+        if bool(exact.any()):
+            out.append((m, index[exact]))
+    return out
+
+
+@torch.no_grad()
+def _deviation(gm: torch.fx.GraphModule, reference: torch.fx.GraphModule, example_inputs: Any) -> float:
+    """The largest absolute difference between the outputs of ``gm`` and ``reference`` (eval mode)."""
+    training = gm.training
+    got, want = gm.eval()(*as_tuple(example_inputs)), reference.eval()(*as_tuple(example_inputs))
+    gm.train(training)
+    pairs = zip(tree_flatten(got)[0], tree_flatten(want)[0])
+    return max((float((a - b).abs().max()) for a, b in pairs if isinstance(a, torch.Tensor) and a.numel()), default=0.0)
 
 
 def _check_not_emptied(plan: Plan) -> None:
@@ -84,16 +117,6 @@ def _check_not_emptied(plan: Plan) -> None:
             )
 
 
-def _kept_but_masked(plan: Plan) -> dict:
-    """Producer masks over the surviving channels, where some survivor is masked by its producer."""
-    out = {}
-    for node, (p, mask) in plan.producer_masks.items():
-        survivors = mask[plan.keep_atom[p.atoms]]
-        if not bool(survivors.all()):
-            out[node] = (p, survivors)
-    return out
-
-
 def _verify(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any) -> None:
     """Check that every node of the compact graph has the shape the plan predicts."""
     try:
@@ -104,7 +127,7 @@ def _verify(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any) -> None:
     for node in gm.graph.nodes:
         labels = plan.analysis.labels.get(node.name)
         meta = node.meta.get("tensor_meta")
-        if isinstance(labels, torch.Tensor) and hasattr(meta, "shape"):
+        if isinstance(labels, torch.Tensor) and hasattr(meta, "shape") and node.users:  # unused: any shape
             expected = shapes.new_shape(node)
             if list(meta.shape) != expected:
                 raise CompactError(

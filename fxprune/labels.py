@@ -56,8 +56,9 @@ class Member:
 
     ``atoms[i]`` is the atom of index ``i`` along ``dim`` of the tensor ``owner`` (a qualified
     parameter or buffer name), or NONE when that index is not a channel. ``role`` is "out" for a
-    producer's output channels, "in" for a consumer's input channels and "channel" for per-channel
-    state (normalisation parameters, running statistics).
+    producer's output channels, "in" for a consumer's input channels (read from argument
+    ``input_arg`` of the node, along ``input_dim``) and "channel" for per-channel state
+    (normalisation parameters, running statistics, a module's internal units).
     """
 
     owner: str
@@ -66,6 +67,7 @@ class Member:
     role: str
     node: str
     input_dim: int | None = None  # for role "in": the dim of the consumer's input tensor
+    input_arg: int | str = 0  # for role "in": that input's position, or its keyword
 
 
 @dataclass
@@ -93,6 +95,12 @@ class LabelSpace:
     _owned: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _dims: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     producer_nodes: set[str] = field(default_factory=set)
+    aliases: dict[str, str] = field(default_factory=dict)  # a tied tensor's other names -> its first
+    grids: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)  # (owner, node, atoms per entry)
+
+    def canonical(self, name: str) -> str:
+        """The first qualified name of the tensor called ``name`` (tied weights share one)."""
+        return self.aliases.get(name, name)
 
     def add_producer(self, producer: Producer) -> None:
         """Record a node whose output creates channels."""

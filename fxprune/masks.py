@@ -9,7 +9,7 @@ import torch
 
 from .analysis import Analysis, ChannelGroup
 from .errors import MaskError
-from .labels import Producer
+from .labels import Producer, compress
 
 Masks = Mapping[str, torch.Tensor]
 
@@ -26,30 +26,50 @@ class Plan:
     analysis: Analysis
     keep_unit: list[torch.Tensor]
     keep_atom: torch.Tensor
-    producer_masks: dict[str, tuple[Producer, torch.Tensor]]
+    producer_masks: dict[tuple[str, str], tuple[Producer, torch.Tensor]]  # by (node, producer name)
 
     def kept(self, labels: torch.Tensor) -> torch.Tensor:
         """Whether each position of a label tensor survives."""
         return torch.where(labels >= 0, self.keep_atom[labels.clamp(min=0)], True)
 
+    def kept_along(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
+        """Which indices along ``dim`` of a tensor with these labels survive: those holding a kept
+        channel, or no channel at all."""
+        small = compress(labels)
+        dim %= labels.dim()
+        rows = small.movedim(dim, 0).reshape(small.shape[dim], -1)
+        kept = ((rows >= 0) & self.kept(rows)).any(1) | (rows < 0).all(1)
+        if small.shape[dim] == 1:  # constant along dim: it shrinks only if it has a single index
+            return kept.expand(1) if labels.shape[dim] == 1 else torch.ones(labels.shape[dim], dtype=torch.bool)
+        return kept
 
-def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()) -> Plan:
+    def surviving(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels of the compacted tensor: ``labels`` without the removed indices of every dim."""
+        small = compress(labels)
+        for d in range(small.dim()):
+            if small.shape[d] > 1:
+                small = small[(slice(None),) * d + (self.kept_along(small, d),)]
+        return small
+
+
+def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset(), exact: bool = True) -> Plan:
     """Check ``masks`` and turn them into a :class:`Plan`. Raises :class:`MaskError` naming the key.
 
-    ``force_keep`` lists unit roots that must stay whatever the masks say.
+    ``force_keep`` lists unit roots that must stay whatever the masks say. ``exact=False`` also
+    accepts masks on groups that are prunable only approximately (normalised across channels).
     """
     groups = {g.name: (i, g) for i, g in enumerate(analysis.groups)}
     producers = _producers_by_name(analysis)
     votes = [torch.zeros(g.size, dtype=torch.bool) for g in analysis.groups]  # some mask keeps it
     heard = [torch.zeros(g.size, dtype=torch.bool) for g in analysis.groups]  # some mask covers it
-    own: dict[str, tuple[Producer, torch.Tensor]] = {}
+    own: dict[tuple[str, str], tuple[Producer, torch.Tensor]] = {}
     by_group: dict[int, torch.Tensor] = {}
     for key, mask in masks.items():
         gi, g = groups.get(key, (None, None))
         plist = producers.get(key, [])
         mask = _check_tensor(key, mask)
         if g is not None and len(mask) == g.size:
-            _check_prunable(key, g, mask)
+            _check_prunable(key, g, mask, exact)
             by_group[gi] = mask
             votes[gi] |= mask
             heard[gi][:] = True
@@ -57,10 +77,10 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
             p = plist[0]
             gi, units = _units_of(analysis, p.atoms)
             g = analysis.groups[gi]
-            _check_prunable(key, g, mask)
+            _check_prunable(key, g, mask, exact)
             votes[gi].index_put_((units,), mask, accumulate=True)
             heard[gi][units] = True  # a producer says nothing of the units it does not cover
-            own.update({q.node: (q, mask) for q in plist})
+            own.update({(q.node, q.name): (q, mask) for q in plist})
         else:
             raise MaskError(_bad_key(key, mask, g, plist, groups, producers))
     keep_unit = [v | ~h for v, h in zip(votes, heard)]
@@ -96,9 +116,11 @@ def _check_tensor(key: str, mask) -> torch.Tensor:
     return mask.detach().cpu()
 
 
-def _check_prunable(key: str, g: ChannelGroup, mask: torch.Tensor) -> None:
-    if not g.prunable and not bool(mask.all()):
-        raise MaskError(f"mask '{key}' removes channels of group '{g.name}', which is not prunable: {g.reason}")
+def _check_prunable(key: str, g: ChannelGroup, mask: torch.Tensor, exact: bool) -> None:
+    if g.prunable or bool(mask.all()) or (not exact and not g.blocked):
+        return
+    hint = "; pass exact=False to prune it anyway, normalising over the kept channels" if not g.blocked else ""
+    raise MaskError(f"mask '{key}' removes channels of group '{g.name}', which is not prunable: {g.reason}{hint}")
 
 
 def _bad_key(key, mask, g, plist, groups, producers) -> str:
@@ -131,12 +153,12 @@ def _producer_masks(analysis, masked_atom, own, by_group) -> dict:
     out = {}
     for p in analysis.space.producers:
         gi, units = _units_of(analysis, p.atoms)
-        if p.node in own:
-            mask = own[p.node][1]
+        if (p.node, p.name) in own:
+            mask = own[(p.node, p.name)][1]
         elif gi in by_group:
             mask = by_group[gi][units]
         else:
             mask = masked_atom[p.atoms]
         if not bool(mask.all()):
-            out[p.node] = (p, mask)
+            out[(p.node, p.name)] = (p, mask)
     return out

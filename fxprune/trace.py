@@ -11,12 +11,18 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.modules import transformer
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
+from .modules.attention import PrunedMultiheadAttention
 
 # Modules kept whole: their internals are handled by one channel rule each.
-ALWAYS_LEAF = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+ALWAYS_LEAF = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, PrunedMultiheadAttention)
+# torch.nn modules that FX keeps whole by default but that are built from modules with rules.
+TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+# Helpers that inspect their tensor argument in Python: recorded as calls, not traced into.
+RECORDED = ((transformer, "_get_seq_len"),)
 
 HINT = (
     "Hint: name the module in `leaf_modules=` to keep it whole (its channels then become a "
@@ -38,6 +44,8 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or isinstance(m, ALWAYS_LEAF + self.leaf_types):
             return True
+        if isinstance(m, TRACED_THROUGH):
+            return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -72,13 +80,38 @@ def trace(
     """
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args)
+        with _traceable_torch():
+            graph = tracer.trace(model, concrete_args)
     except Exception as e:
         where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
         raise TraceError(f"cannot trace module {where}: {type(e).__name__}: {e}. {HINT}") from e
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     propagate_shapes(gm, example_inputs)
     return gm
+
+
+@contextlib.contextmanager
+def _traceable_torch():
+    """Disable the fused attention fast path (transformer layers then skip their checks on tensor
+    values) and record the RECORDED helpers as calls while tracing."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    originals = [(module, name, getattr(module, name)) for module, name in RECORDED]
+
+    def recorded(fn):
+        def call(*args, **kwargs):
+            proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+            return proxy.tracer.create_proxy("call_function", fn, args, kwargs) if proxy is not None else fn(*args, **kwargs)
+        return call
+
+    torch.backends.mha.set_fastpath_enabled(False)
+    for module, name, fn in originals:
+        setattr(module, name, recorded(fn))
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, name, fn in originals:
+            setattr(module, name, fn)
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool = False) -> None:

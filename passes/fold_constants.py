@@ -41,21 +41,31 @@ class Fold:
     delta: torch.Tensor
 
 
+def _input(node: torch.fx.Node, arg: int | str) -> Any:
+    """Argument ``arg`` (a position or a keyword) of ``node``."""
+    return node.args[arg] if isinstance(arg, int) else node.kwargs.get(arg)
+
+
 class _Capture(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[tuple[str, int | str]]):
         super().__init__(gm)
         self.wanted, self.seen = wanted, {}
+        self.args_of: dict[str, list] = {}
+        for node, arg in wanted:
+            self.args_of.setdefault(node, []).append(arg)
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        if n.name in self.wanted:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            self.seen.setdefault(n.name, []).append(args[0].detach().clone())  # later in-place ops
+        if n.name in self.args_of:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            for arg in self.args_of[n.name]:
+                value = args[arg] if isinstance(arg, int) else kwargs[arg]
+                self.seen.setdefault((n.name, arg), []).append(value.detach().clone())  # later in-place ops
         return super().run_node(n)
 
 
-def consumer_inputs(reference: torch.fx.GraphModule, nodes: set[str], example_inputs: Any) -> dict[str, torch.Tensor]:
-    """The first input of each node in ``nodes``, on the example and on a perturbed copy of it."""
-    probe = _Capture(reference, nodes)
+def consumer_inputs(reference: torch.fx.GraphModule, wanted: set[tuple[str, int | str]], example_inputs: Any) -> dict:
+    """Input ``arg`` of each (node, arg) in ``wanted``, on the example and on a perturbed copy of it."""
+    probe = _Capture(reference, wanted)
     with torch.no_grad():
         for inputs in (as_tuple(example_inputs), _perturbed(as_tuple(example_inputs))):
             probe.run(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])  # in-place ops
@@ -77,9 +87,9 @@ def _perturbed(inputs: tuple) -> tuple:
 def dropped_inputs(plan: Plan) -> list[tuple[Any, torch.Tensor]]:
     """The "in" members that lose channels which may be non-zero there, with the indices they lose."""
     analysis, out = plan.analysis, []
-    inputs = {n.name: n.args[0] for n in analysis.gm.graph.nodes if n.args}
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for m in analysis.space.members:
-        if m.role == "in" and getattr(inputs.get(m.node), "name", None) in analysis.tainted:
+        if m.role == "in" and getattr(_input(nodes[m.node], m.input_arg), "name", None) in analysis.tainted:
             lost = ((m.atoms >= 0) & ~plan.kept(m.atoms)).nonzero().flatten()
             if len(lost):
                 out.append((m, lost))
@@ -99,7 +109,7 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
     for m, lost in lost_inputs:
         node = nodes[m.node]
         module = gm.get_submodule(node.target)
-        x = values[m.node].movedim(m.input_dim, 0)[lost].reshape(len(lost), -1)
+        x = values[(m.node, m.input_arg)].movedim(m.input_dim, 0)[lost].reshape(len(lost), -1)
         first = x[:, 0]
         constant = (x == first[:, None]).all(1) & torch.isfinite(first)
         const = torch.where(constant, first, torch.zeros(()))
@@ -107,7 +117,8 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
         foldable = _foldable(module)
         for i in (~constant | ((const != 0) & (not foldable))).nonzero().flatten().tolist():
             keep.add(int(roots[i]))
-            why = "input-dependent value" if not constant[i] else f"constant {float(const[i]):.4g} into a padded conv"
+            why = "input-dependent value" if not constant[i] else \
+                f"constant {float(const[i]):.4g} that {_kind(module)} cannot fold into a bias"
             report.append(_adjust(analysis, int(roots[i]), node.target, "kept", why))
         seen.append((m, node, module, lost, const, roots))
     for m, node, module, lost, const, roots in seen:
@@ -122,6 +133,12 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
 def _adjust(analysis, root: int, consumer: str, action: str, detail: str) -> Adjustment:
     gi, ui = analysis.unit_of[root]
     return Adjustment(analysis.groups[gi].name, ui, consumer, action, detail)
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
+        return "a padded conv"
+    return f"a {type(module).__name__}"
 
 
 def _foldable(module: nn.Module) -> bool:
@@ -146,7 +163,8 @@ def fold_constants(gm: torch.fx.GraphModule, folds: list[Fold], plan: Plan) -> N
     for fold in folds:
         m = gm.get_submodule(fold.module)
         weight = plan.analysis.gm.get_submodule(fold.module).weight
-        out = next(x for x in plan.analysis.space.members if x.owner == f"{fold.module}.weight" and x.role == "out")
+        owner = plan.analysis.space.canonical(f"{fold.module}.weight")
+        out = next(x for x in plan.analysis.space.members if x.owner == owner and x.role == "out" and x.dim == 0)
         delta = fold.delta[plan.kept(out.atoms)]
         if m.bias is None:
             m.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=weight.requires_grad)

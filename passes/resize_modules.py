@@ -7,15 +7,20 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxprune.modules.attention import PrunedMultiheadAttention
+from fxprune.modules.recurrent import GATES, RecurrentStack
+
 from .rewrite_shapes import Shapes
 
-RESIZERS: dict[type, Callable[[nn.Module, nn.Module, list[int]], None]] = {}
+RESIZERS: dict[type, Callable[[nn.Module, nn.Module, list[int]], nn.Module | None]] = {}
 
 
 def resizer(*classes: type):
     """Register how a module class recomputes its attributes.
 
-    A resizer gets the module, the module before compaction, and the new shape of its input.
+    A resizer gets the module, the module before compaction, and the new shape of its input. It
+    updates the module in place, or returns a module to replace it where the module's class cannot
+    hold the new shapes.
     """
 
     def register(fn):
@@ -69,6 +74,51 @@ def _prelu(m, old, in_shape) -> None:
     m.num_parameters = m.weight.numel()
 
 
+@resizer(nn.RNNBase)
+def _recurrent(m, old, in_shape) -> nn.Module | None:
+    """One module while every layer and direction keeps the same width; else one per layer."""
+    gates = GATES[m.mode]
+    widths = {(getattr(m, f"weight_hh_l{k}{d}").shape[0] // gates,
+               getattr(m, f"weight_hr_l{k}{d}").shape[0] if m.proj_size else 0)
+              for k in range(m.num_layers) for d in (["", "_reverse"] if m.bidirectional else [""])}
+    if len(widths) > 1:
+        return RecurrentStack.from_layers_of(m)
+    (m.hidden_size, m.proj_size), = widths
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
+    return None
+
+
+@resizer(nn.RNNCellBase)
+def _recurrent_cell(m, old, in_shape) -> None:
+    m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]
+
+
+@resizer(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _attention(m, old, in_shape) -> nn.Module | None:
+    """nn.MultiheadAttention needs num_heads * head_dim == embed_dim: once heads or features are
+    removed it becomes a PrunedMultiheadAttention holding the same parameters."""
+    packed = m.in_proj_weight is not None
+    q = m.in_proj_weight if packed else m.q_proj_weight
+    heads = q.shape[0] // (3 if packed else 1) // m.head_dim
+    kdim, vdim = (q.shape[1],) * 2 if packed else (m.k_proj_weight.shape[1], m.v_proj_weight.shape[1])
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+    if isinstance(m, PrunedMultiheadAttention):
+        m.num_heads, m.embed_dim, m.kdim, m.vdim = heads, q.shape[1], kdim, vdim
+        m.out_features = m.out_proj.out_features
+        return None
+    if (heads, q.shape[1], kdim, vdim, m.out_proj.out_features) == (old.num_heads, old.embed_dim, old.kdim, old.vdim, old.embed_dim):
+        return None
+    new = PrunedMultiheadAttention(
+        q.shape[1], heads, m.head_dim, kdim=kdim, vdim=vdim, bias=m.in_proj_bias is not None,
+        add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, dropout=m.dropout,
+        batch_first=m.batch_first, packed=packed, out_features=m.out_proj.out_features,
+        device=q.device, dtype=q.dtype,
+    )
+    new.load_state_dict(m.state_dict(), assign=True)
+    return new.train(m.training)
+
+
 def resize_modules(gm: torch.fx.GraphModule, before: torch.fx.GraphModule, shapes: Shapes) -> None:
     """Update the attributes of every called, resizable module of ``gm``, in place."""
     for node in gm.graph.nodes:
@@ -79,5 +129,7 @@ def resize_modules(gm: torch.fx.GraphModule, before: torch.fx.GraphModule, shape
             if cls in RESIZERS:
                 x = node.args[0]
                 in_shape = shapes.new_shape(x) if isinstance(shapes.labels(x), torch.Tensor) else None
-                RESIZERS[cls](m, before.get_submodule(node.target), in_shape)
+                replacement = RESIZERS[cls](m, before.get_submodule(node.target), in_shape)
+                if replacement is not None:
+                    gm.set_submodule(node.target, replacement)
                 break

@@ -32,14 +32,7 @@ class Shapes:
 
     def kept(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
         """Which indices along ``dim`` of ``node``'s output survive."""
-        labels = self.plan.analysis.labels[node.name]
-        small = compress(labels)
-        dim %= labels.dim()
-        rows = small.movedim(dim, 0).reshape(small.shape[dim], -1)
-        kept = ((rows >= 0) & self.plan.kept(rows)).any(1) | (rows < 0).all(1)  # a channel in it survives
-        if small.shape[dim] == 1:  # constant along dim: it shrinks only if it has a single index
-            return kept.expand(1) if labels.shape[dim] == 1 else torch.ones(labels.shape[dim], dtype=torch.bool)
-        return kept
+        return self.plan.kept_along(self.plan.analysis.labels[node.name], dim)
 
     def new_shape(self, node: torch.fx.Node) -> list[int]:
         labels = self.plan.analysis.labels[node.name]

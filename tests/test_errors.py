@@ -113,19 +113,48 @@ class Boundary(nn.Module):
         return self.c(torch.cumsum(self.a(x), 1))
 
 
+def layer_norm_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
 @entry_points
-@pytest.mark.parametrize("model, key, n", [
-    (Boundary, "a", 8),
-    (lambda: nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "0", 8),
-], ids=["boundary", "layernorm"])
-def test_mask_on_non_prunable_group_quotes_its_reason(fn, model, key, n):
-    m = model()
-    x = X if key == "a" else torch.randn(4, 3)
-    g = next(g for g in fxprune.analyze(m, x).groups if key in g.producers)
-    assert not g.prunable and g.reason
+def test_mask_on_blocked_group_quotes_its_reason(fn):
+    m = Boundary()
+    g = next(g for g in fxprune.analyze(m, X).groups if "a" in g.producers)
+    assert not g.prunable and g.blocked and g.reason
     with pytest.raises(fxprune.MaskError) as err:
-        fn(m, {key: keep(n, 1)}, x)
-    assert g.reason in str(err.value)
+        fn(m, {"a": keep(8, 1)}, X)
+    assert g.reason in str(err.value) and "exact=False" not in str(err.value)
+
+
+def test_compact_refuses_an_inexact_group_unless_asked():
+    m, x = layer_norm_net(), torch.randn(4, 3)
+    g = next(g for g in fxprune.analyze(m, x).groups if "0" in g.producers)
+    assert not g.prunable and not g.exact and not g.blocked
+    with pytest.raises(fxprune.MaskError) as err:
+        fxprune.compact(m, {"0": keep(8, 1)}, x)
+    assert g.reason in str(err.value) and "exact=False" in str(err.value)
+
+
+def test_masking_an_inexact_group_is_well_defined():
+    m, x = layer_norm_net(), torch.randn(4, 3)
+    ref = fxprune.apply_masks(m, {"0": keep(8, 1)}, x)
+    captured = {}
+    ref.get_submodule("1").register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0]))
+    ref(x)
+    assert bool((captured["x"][:, 1] == 0).all()) and bool((captured["x"][:, 0] != 0).all())
+
+
+def test_inexact_compaction_reports_its_deviation():
+    torch.manual_seed(0)
+    m, x = layer_norm_net().eval(), torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="largest deviation"):
+        small = fxprune.compact(m, {"0": keep(8, 1, 5)}, x, exact=False)
+    assert small.get_submodule("1").normalized_shape == (6,)
+    ref = fxprune.apply_masks(m, {"0": keep(8, 1, 5)}, x)
+    with torch.no_grad():
+        assert small.meta["fxprune_deviation"] == pytest.approx(float((small(x) - ref(x)).abs().max()))
+    assert small.meta["fxprune_deviation"] > 0
 
 
 def test_all_true_mask_on_non_prunable_group_is_accepted():

@@ -1415,6 +1415,12 @@ TESTED_RULES = {
     "reshape.split_dims": "test_flatten_into_linear_owns_spatial_features, test_channel_shuffle_stays_exact",
     "reshape.roll": "test_moves_keep_channels[*roll-spatial], test_roll_over_channels_is_a_boundary",
     "reshape.channel_shuffle": "test_channel_shuffle_stays_exact, test_channel_shuffle_module_is_exact_for_any_producer_mask",
+    "recurrent.recurrent": "tests/test_recurrent.py: test_gate_blocks_are_sliced_per_unit, test_compact_equals_reference, "
+                           "test_used_states_couple_every_layer, test_initial_state_*, test_tied_embedding_and_decoder",
+    "recurrent.recurrent_cell": "tests/test_recurrent.py: test_unrolled_cell, test_initial_state_from_the_model_input_is_not_prunable",
+    "metadata.sequence_length": "tests/test_attention.py::test_transformer_layers",
+    "attention.multihead_attention": "tests/test_attention.py",
+    "attention.shifted_window_attention": "tests/test_attention.py::test_swin_*",
 }
 
 

@@ -2,6 +2,7 @@
 from . import (  # noqa: F401  (imported for their registrations)
     activation,
     arithmetic,
+    attention,
     concat,
     conv,
     embedding,
@@ -10,6 +11,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     norm,
     padding,
     pooling,
+    recurrent,
     reduction,
     reshape,
 )

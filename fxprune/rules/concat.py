@@ -9,7 +9,7 @@ import operator
 
 import torch
 
-from ..labels import compress, varies
+from ..labels import atoms_in, compress, varies
 from .registry import RuleContext, compressed, rule, run_on_labels
 
 MOVES = (torch.split, torch.chunk, torch.narrow, "split", "chunk", "narrow")
@@ -75,11 +75,14 @@ def getitem(ctx: RuleContext, x, index, *rest):  # out[i] <- x[index(i)]
     for dim, entry in indexed_dims(index, x.dim()):
         if not varies(x, dim):
             continue
-        if isinstance(entry, int):
+        if isinstance(entry, int) and len(atoms_in(x.select(dim, entry))) == 1:
+            # one channel: it cannot be removed and still be indexed (a slice of several channels,
+            # like one layer's row of an RNN state, loses its index only with all of them)
             ctx.space.block(x.select(dim, entry), f"channel selected by an integer index at {ctx.where}")
         elif isinstance(entry, slice) and entry.step not in (None, 1):
             ctx.space.block(x, f"{ctx.where} slices channels with step {entry.step}")
-        elif isinstance(entry, slice) and len(range(*entry.indices(x.shape[dim]))) == 1:
+        elif isinstance(entry, slice) and len(range(*entry.indices(x.shape[dim]))) == 1 \
+                and len(atoms_in(x[(slice(None),) * dim + (entry,)])) == 1:
             ctx.space.block(x[(slice(None),) * dim + (entry,)], f"one channel sliced out at {ctx.where}")
     return compressed(x[index])
 

@@ -86,20 +86,31 @@ class RuleContext:
         return self.node.meta["tensor_meta"].shape
 
     def param_name(self, attr: str) -> str:
-        return f"{self.node.target}.{attr}"
+        """The canonical name of the called module's parameter ``attr`` (the first name of a tied one)."""
+        return self.space.canonical(f"{self.node.target}.{attr}")
 
-    def produce(self, owner: str, n: int, dim: int, name: str | None = None) -> torch.Tensor:
+    def channels(self, owner: str, n: int, name: str, dim: int = -1, key: str = "out") -> torch.Tensor:
+        """``n`` channels owned by parameter ``owner``, produced by this node and named ``name``
+        (they leave it along ``dim`` of its output); returns their atoms."""
+        atoms = self.space.owned(owner, key, n)
+        self.space.add_producer(Producer(self.node.name, name, dim, atoms))
+        return atoms
+
+    def produce(self, owner: str, n: int, dim: int, name: str | None = None, key: str = "out") -> torch.Tensor:
         """New output channels along ``dim`` owned by parameter ``owner``; returns output labels."""
-        atoms = self.space.owned(owner, "out", n)
         shape = self.out_shape()
         dim = dim % len(shape)
-        self.space.add_producer(Producer(self.node.name, name or self.node.target, dim, atoms))
-        return along(atoms, dim, shape)
+        return along(self.channels(owner, n, name or self.node.target, dim, key), dim, shape)
 
-    def member(self, owner: str, dim: int, atoms: torch.Tensor, role: str, input_dim: int | None = None) -> None:
+    def member(self, owner: str, dim: int, atoms: torch.Tensor, role: str, input_dim: int | None = None,
+               input_arg: int | str = 0) -> None:
         """Index ``i`` of ``owner`` along ``dim`` belongs to ``atoms[i]`` (for an "in" member, the
-        channel at index ``i`` along ``input_dim`` of the node's first input)."""
-        self.space.add_member(Member(owner, dim, atoms, role, self.node.name, input_dim))
+        channel at index ``i`` along ``input_dim`` of the node's input ``input_arg``)."""
+        self.space.add_member(Member(owner, dim, atoms, role, self.node.name, input_dim, input_arg))
+
+    def argument(self, position: int, keyword: str) -> int | str:
+        """How the node passes an argument: its ``position`` if given positionally, else ``keyword``."""
+        return position if len(self.node.args) > position else keyword
 
     def module_member(self, attr: str, dim: int, atoms: torch.Tensor, role: str) -> None:
         """Like :meth:`member`, for a parameter or buffer of the called module, if it is set."""

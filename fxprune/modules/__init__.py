@@ -1,0 +1,1 @@
+"""Modules that compaction emits where a PyTorch module cannot hold the compacted shape."""

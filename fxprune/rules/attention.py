@@ -1,0 +1,68 @@
+"""Multi-head attention: nn.MultiheadAttention (and the compacted PrunedMultiheadAttention).
+
+out <- out_proj(concat over heads of softmax(q_h k_h^T / sqrt(d)) v_h), with q, k, v the rows of
+each head in the input projections. A unit is a whole head: its q, k and v rows (and biases) and
+its columns of ``out_proj``, so every head keeps ``head_dim`` and the scaling stays exact. The
+heads form a group named ``<module>.heads``. The input projections' columns read the query, key
+and value features; ``out_proj`` produces the output features, which join the residual stream.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..labels import NONE, along
+from ..modules.attention import PrunedMultiheadAttention
+from .recurrent import _is_getitem, _used
+from .registry import RuleContext, rule
+
+PROJECTIONS = (("q_proj_weight", 0, "query"), ("k_proj_weight", 1, "key"), ("v_proj_weight", 2, "value"))
+
+
+def _weights_used(node) -> bool:
+    return any(not _is_getitem(u) or (u.args[1] == 1 and _used(u)) for u in node.users)
+
+
+@rule(nn.MultiheadAttention, PrunedMultiheadAttention)
+def multihead_attention(ctx: RuleContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                        average_attn_weights: bool = True, is_causal: bool = False) -> tuple:
+    m, space, target = ctx.module, ctx.space, ctx.node.target
+    packed = m.in_proj_weight is not None
+    owner = ctx.param_name("in_proj_weight" if packed else "q_proj_weight")
+    heads = ctx.channels(owner, m.num_heads, f"{target}.heads", key="heads")
+    rows = heads.repeat_interleave(m.head_dim)
+    if packed:
+        ctx.member(owner, 0, rows.repeat(3), "out")
+    for (name, position, keyword), x in zip(PROJECTIONS, (query, key, value)):
+        weight = owner if packed else ctx.param_name(name)  # one packed weight reads all three inputs
+        if not packed:
+            ctx.member(weight, 0, rows, "out")
+        arg = ctx.argument(position, keyword)
+        ctx.member(weight, 1, space.per_index(x, -1), "in", input_dim=-1, input_arg=arg)
+    ctx.module_member("in_proj_bias", 0, rows.repeat(3), "out")
+    for name in ("bias_k", "bias_v"):
+        ctx.module_member(name, 2, rows, "out")
+    out_weight = ctx.param_name("out_proj.weight")
+    ctx.member(out_weight, 1, rows, "channel")
+    features = ctx.channels(out_weight, m.out_proj.out_features, target)
+    ctx.member(out_weight, 0, features, "out")
+    if m.out_proj.bias is not None:
+        ctx.member(ctx.param_name("out_proj.bias"), 0, features, "out")
+    out_meta, weights_meta = ctx.node.meta["tensor_meta"]
+    output = along(features, -1, out_meta.shape)
+    if weights_meta is None:
+        return output, None
+    if average_attn_weights:
+        if _weights_used(ctx.node):
+            space.block(heads, f"{ctx.where} returns attention weights averaged over its heads, and they are used")
+        return output, torch.full((1,) * len(weights_meta.shape), NONE).expand(weights_meta.shape)
+    return output, along(heads, -3, weights_meta.shape)
+
+
+@rule("torchvision.models.swin_transformer.shifted_window_attention")
+def shifted_window_attention(ctx: RuleContext, *args, **kwargs):
+    """torchvision's Swin attention takes its weights as arguments and computes its head size as
+    input width // num_heads, so neither heads nor input features can be removed from it."""
+    return ctx.boundary((args, kwargs), f"{ctx.where} computes its head size from its input width "
+                        "(torchvision's shifted_window_attention): its heads and features stay whole")
