@@ -18,6 +18,7 @@ from .trace import trace
 
 OUTPUT_REASON = "reaches the model output"
 GRID_LIMIT = 1 << 22  # entries of a tensor used directly with several dims that get their own atoms
+CONSTANT_FILLS = (torch.zeros, torch.ones, torch.full, torch.empty)
 GRID_RULES = (rules.arithmetic.arithmetic, rules.concat.cat)  # the uses that couple such entries one to one
 INPUT_REASON = "comes from the model input"
 
@@ -110,6 +111,10 @@ class _LabelInterpreter(torch.fx.Interpreter):
             return args[0]
         if not tensors_in((args, kwargs)) and n.op != "call_module":
             value = getattr(self, n.op)(n.target, args, kwargs)
+            if n.target in CONSTANT_FILLS and isinstance(value, torch.Tensor) and value.numel() <= GRID_LIMIT:
+                # a constant (an RNN's zero initial state): each entry follows what it meets; the
+                # literal sizes are rewritten by compaction
+                return self.space.fresh(value.numel()).reshape(value.shape)
             if tensors_in(value):  # a tensor made from nothing has a fixed shape
                 return fixed_like(self.space, meta, f"created with a fixed shape by {describe(n, self.module)}")
             return value

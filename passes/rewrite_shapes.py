@@ -62,6 +62,17 @@ def _shape_args(node: torch.fx.Node, shapes: Shapes) -> None:
     node.args = (x, tuple(sizes)) if packed else (x, *sizes)
 
 
+@rewrite(torch.zeros, torch.ones, torch.empty, torch.full)  # literal sizes <- the new sizes
+def _created(node: torch.fx.Node, shapes: Shapes) -> None:
+    count = 2 if node.target is torch.full else None  # full(size, fill_value)
+    args = node.args[:1] if count else node.args
+    sizes, packed = _sizes(tuple(args))
+    new = shapes.new_shape(node)
+    sizes = [new[i] if isinstance(s, int) else s for i, s in enumerate(sizes)]
+    head = (tuple(sizes),) if packed else tuple(sizes)
+    node.args = head + tuple(node.args[1:count]) if count else head
+
+
 @rewrite("unflatten", torch.unflatten)  # sizes <- the new sizes of the unflattened dims
 def _unflatten(node: torch.fx.Node, shapes: Shapes) -> None:
     x, dim, sizes = node.args
@@ -98,16 +109,23 @@ def _getitem(node: torch.fx.Node, shapes: Shapes) -> None:
             dim += ndim - consumed
         elif e is not None:
             kept = shapes.kept(x, dim)
-            before = torch.cat([torch.zeros(1, dtype=torch.long), kept.cumsum(0)])
-            if isinstance(e, int):
-                e = int(before[e % len(kept)])
-            elif isinstance(e, slice):
-                start, stop, _ = e.indices(len(kept))
-                e = slice(None if e.start is None else int(before[start]),
-                          None if e.stop is None else int(before[stop]), e.step)
+            if not bool(kept.all()):  # where nothing is removed the index stays as written (-1 stays -1)
+                e = _over_kept(e, kept)
             dim += 1
         out.append(e)
     node.args = (x, tuple(out) if isinstance(index, tuple) else out[0])
+
+
+def _over_kept(entry, kept: torch.Tensor):
+    """An int or slice index along a dim, counted over the kept positions only."""
+    before = torch.cat([torch.zeros(1, dtype=torch.long), kept.cumsum(0)])
+    if isinstance(entry, int):
+        return int(before[entry % len(kept)])
+    if isinstance(entry, slice):
+        start, stop, _ = entry.indices(len(kept))
+        return slice(None if entry.start is None else int(before[start]),
+                     None if entry.stop is None else int(before[stop]), entry.step)
+    return entry
 
 
 @rewrite("narrow", torch.narrow)

@@ -1427,3 +1427,42 @@ TESTED_RULES = {
 def test_every_registered_rule_has_a_test():
     registered = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}" for fn in RULES.values()}
     assert registered - set(TESTED_RULES) == set(), "add tests for these new channel rules"
+
+
+# --------------------------------------------------------------------------------------------
+# constants created in forward, and indices along dims that keep every position
+
+
+class ZeroState(nn.Module):
+    """An LSTM whose initial state is created in forward, read at its last time step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(4, 6, num_layers=2, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h0 = torch.zeros(2, x.size(0), 6)
+        c0 = torch.full((2, x.size(0), 6), 0.5)
+        out, _ = self.lstm(x, (h0, c0))
+        return self.fc(out[:, -1])
+
+
+def test_created_constant_follows_the_channels_it_meets():
+    torch.manual_seed(0)
+    model = ZeroState().eval()
+    x = torch.randn(3, 5, 4)
+    an = fxprune.analyze(model, x)
+    assert table(an) == {"lstm.hidden_l0": (6, True), "fc": (3, False)}  # the states couple both layers
+    small, _ = check_exact(model, x, {"lstm.hidden_l0": keep(6, 1, 4)}, analysis=an)
+    sizes = {n.target: n.args for n in small.graph.nodes if n.target in (torch.zeros, torch.full)}
+    assert sizes[torch.zeros][2] == 4 and sizes[torch.full][0][2] == 4
+
+
+def test_index_along_a_dim_that_keeps_every_position_stays_as_written():
+    torch.manual_seed(0)
+    model = ZeroState().eval()
+    masks = {"lstm.hidden_l0": keep(6, 0)}
+    small = fxprune.compact(model, masks, torch.randn(3, 5, 4))
+    longer = torch.randn(3, 9, 4)  # out[:, -1] must still read the last step, not step 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(longer), fxprune.apply_masks(model, masks, longer)(longer), rtol=1e-5, atol=1e-5)
