@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules import transformer
+from torch.nn.utils import rnn as rnn_utils
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
@@ -22,7 +23,11 @@ ALWAYS_LEAF = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, PrunedMultihea
 # torch.nn modules that FX keeps whole by default but that are built from modules with rules.
 TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 # Helpers that inspect their tensor argument in Python: recorded as calls, not traced into.
-RECORDED = ((transformer, "_get_seq_len"),)
+RECORDED = ((transformer, "_get_seq_len"), (rnn_utils, "pack_padded_sequence"),
+            (rnn_utils, "pack_sequence"), (rnn_utils, "pad_packed_sequence"))
+PACKING = (rnn_utils.pack_padded_sequence, rnn_utils.pack_sequence, rnn_utils.pad_packed_sequence)
+PACKED_HINT = ("PackedSequence inputs are not supported: fxprune analyses recurrent layers on padded "
+               "batches; prune a variant of the model that runs on the padded tensor")
 
 HINT = (
     "Hint: name the module in `leaf_modules=` to keep it whole (its channels then become a "
@@ -35,7 +40,8 @@ class _Tracer(torch.fx.Tracer):
     """A tracer that keeps chosen modules as leaves and remembers where tracing failed."""
 
     def __init__(self, leaf_modules: Iterable[str | type[nn.Module]] = ()):
-        super().__init__()
+        # the same helpers, where a module imported them by name
+        super().__init__(autowrap_functions=tuple(getattr(m, name) for m, name in RECORDED if not name.startswith("_")))
         leaves = list(leaf_modules)
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
@@ -78,6 +84,8 @@ def trace(
     >>> gm.graph.find_nodes(op="output")[0].args[0].meta["tensor_meta"].shape
     torch.Size([1, 1000])
     """
+    if any(isinstance(x, rnn_utils.PackedSequence) for x in (example_inputs, *as_tuple(example_inputs))):
+        raise TraceError(f"an example input is a PackedSequence. {PACKED_HINT}")
     tracer = _Tracer(leaf_modules)
     try:
         with _traceable_torch():
@@ -85,6 +93,9 @@ def trace(
     except Exception as e:
         where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
         raise TraceError(f"cannot trace module {where}: {type(e).__name__}: {e}. {HINT}") from e
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in PACKING:
+            raise TraceError(f"node '{node.name}' calls {node.target.__name__}. {PACKED_HINT}")
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     propagate_shapes(gm, example_inputs)
     return gm
