@@ -2,6 +2,9 @@
 
 Inputs are float32, labels int64. Splits are deterministic. Where ``normalize`` is
 offered, each channel is standardized with the training split's mean and std.
+
+For language models, :func:`char_corpus` turns any text (by default :func:`python_docs_text`,
+the English documentation bundled with CPython) into next-character sequences.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["cifar10", "digits", "image_folder", "mnist1d"]
+__all__ = ["CharCorpus", "char_corpus", "cifar10", "digits", "image_folder", "mnist1d", "python_docs_text"]
 
 Split = tuple[TensorDataset, TensorDataset]
 
@@ -155,3 +159,85 @@ def cifar10(path: str | os.PathLike, normalize: bool = True) -> Split:
     if normalize:
         x_train, x_test = _standardize(x_train, x_test)
     return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
+
+
+def python_docs_text() -> str:
+    """The English text bundled with CPython: the pydoc help topics (``pydoc_data.topics``).
+
+    About 465,000 characters of Python's reference documentation, the topics joined in
+    sorted-key order. Always available offline, with no extra package.
+    """
+    from pydoc_data.topics import topics
+
+    return "".join(topics[key] for key in sorted(topics))
+
+
+@dataclass
+class CharCorpus:
+    """Next-character sequences of a text, and the vocabulary that encodes them.
+
+    ``train`` and ``val`` hold ``(inputs, targets)``, both int64 of shape ``(N, seq_len)``,
+    where ``targets[n, t]`` is the character after ``inputs[n, t]``.
+    """
+
+    vocab: str  # the distinct characters of the text, sorted; character vocab[i] is encoded as i
+    train: TensorDataset
+    val: TensorDataset
+
+    def encode(self, text: str) -> torch.Tensor:
+        """The int64 indices of the characters of ``text`` (each must be in the vocabulary)."""
+        index = {c: i for i, c in enumerate(self.vocab)}
+        try:
+            return torch.tensor([index[c] for c in text], dtype=torch.int64)
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, indices: torch.Tensor | list[int]) -> str:
+        """The text of a 1-D sequence of indices."""
+        return "".join(self.vocab[i] for i in torch.as_tensor(indices).tolist())
+
+
+def _windows(ids: torch.Tensor, seq_len: int) -> TensorDataset:
+    # consecutive windows of seq_len + 1 characters, overlapping by one: inputs and shifted targets
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"{len(ids)} characters are too few for one sequence of length {seq_len}")
+    x = ids[: n * seq_len].reshape(n, seq_len)
+    y = ids[1 : n * seq_len + 1].reshape(n, seq_len)
+    return TensorDataset(x, y)
+
+
+def char_corpus(
+    text: str | None = None,
+    seq_len: int = 100,
+    val_fraction: float = 0.1,
+    path: str | os.PathLike | None = None,
+    max_chars: int | None = None,
+) -> CharCorpus:
+    """A character-level language-modelling corpus of ``text``, the UTF-8 file at ``path``, or
+    (given neither) :func:`python_docs_text`.
+
+    The vocabulary is the sorted set of characters in the (possibly truncated) text. The
+    text's first ``max_chars`` characters (all, if ``None``) are split in two contiguous
+    parts, the last ``val_fraction`` for validation, so no validation character is ever
+    seen in training; each part is cut into non-overlapping ``seq_len``-character input
+    sequences, whose targets are the same sequences shifted by one character.
+    """
+    if text is not None and path is not None:
+        raise TypeError("pass text or path, not both")
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+    elif text is None:
+        text = python_docs_text()
+    if max_chars is not None:
+        text = text[:max_chars]
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    vocab = "".join(sorted(set(text)))
+    corpus = CharCorpus(vocab, TensorDataset(), TensorDataset())
+    ids = corpus.encode(text)
+    split = len(ids) - round(len(ids) * val_fraction)
+    corpus.train, corpus.val = _windows(ids[:split], seq_len), _windows(ids[split:], seq_len)
+    return corpus

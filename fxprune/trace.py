@@ -17,9 +17,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 from .modules.attention import PrunedMultiheadAttention
+from .modules.recurrent import RecurrentStack
 
 # Modules kept whole: their internals are handled by one channel rule each.
-ALWAYS_LEAF = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, PrunedMultiheadAttention)
+ALWAYS_LEAF = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, PrunedMultiheadAttention, RecurrentStack)
 # torch.nn modules that FX keeps whole by default but that are built from modules with rules.
 TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 # Helpers that inspect their tensor argument in Python: recorded as calls, not traced into.

@@ -8,7 +8,7 @@ import torch.fx
 from torch import nn
 
 from fxprune.modules.attention import PrunedMultiheadAttention
-from fxprune.modules.recurrent import GATES, RecurrentStack
+from fxprune.modules.recurrent import RecurrentStack, widths, directions_of, parameters_of
 
 from .rewrite_shapes import Shapes
 
@@ -74,16 +74,15 @@ def _prelu(m, old, in_shape) -> None:
     m.num_parameters = m.weight.numel()
 
 
-@resizer(nn.RNNBase)
+@resizer(nn.RNNBase, RecurrentStack)
 def _recurrent(m, old, in_shape) -> nn.Module | None:
     """One module while every layer and direction keeps the same width; else one per layer."""
-    gates = GATES[m.mode]
-    widths = {(getattr(m, f"weight_hh_l{k}{d}").shape[0] // gates,
-               getattr(m, f"weight_hr_l{k}{d}").shape[0] if m.proj_size else 0)
-              for k in range(m.num_layers) for d in (["", "_reverse"] if m.bidirectional else [""])}
-    if len(widths) > 1:
-        return RecurrentStack.from_layers_of(m)
-    (m.hidden_size, m.proj_size), = widths
+    layers = [[parameters_of(d) for d in directions] for directions in directions_of(m)]
+    like = m if isinstance(m, nn.RNNBase) else directions_of(m)[0][0][1]
+    found = {widths(like, p) for layer in layers for p in layer}
+    if isinstance(m, RecurrentStack) or len(found) > 1 or any(0 < proj >= hidden for hidden, proj in found):
+        return RecurrentStack.from_parameters(like, layers, m.dropout, m.batch_first)
+    m.hidden_size, m.proj_size = widths(like, layers[0][0])
     m.input_size = m.weight_ih_l0.shape[1]
     m._init_flat_weights()
     return None

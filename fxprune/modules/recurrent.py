@@ -1,4 +1,4 @@
-"""A multi-layer RNN whose layers keep different numbers of hidden units."""
+"""A multi-layer RNN whose layers, and the two directions of a layer, keep different numbers of units."""
 from __future__ import annotations
 
 import torch
@@ -6,92 +6,116 @@ import torch.nn.functional as F
 from torch import nn
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+Direction = tuple[str, nn.RNNBase, str]  # (path of the module inside its owner, module, parameter suffix)
 
 
 class RecurrentStack(nn.Module):
-    """An ``nn.LSTM``/``nn.GRU``/``nn.RNN`` run as one single-layer module per layer, so that each
-    layer can have its own width (``nn.RNNBase`` needs one ``hidden_size`` for all).
-
-    A bidirectional layer whose two directions keep different numbers of units runs as one
-    bidirectional module as wide as the wider direction: the extra units have zero weights, so they
-    stay exactly zero, and ``keep_<i>`` drops them from the layer's output. The returned states are
-    stacked like ``nn.RNNBase``'s, zero-padded to the widest layer.
+    """An ``nn.LSTM``/``nn.GRU``/``nn.RNN`` whose layers have their own widths (``nn.RNNBase`` needs
+    one ``hidden_size`` for all). Layer i is one single-layer module or, where its two directions
+    differ, a forward module and a reverse one that reads the sequence flipped. It returns
+    ``(output, states)`` like ``nn.RNNBase``, the states zero-padded to the widest layer.
     """
 
-    def __init__(self, layers: list[nn.RNNBase], keep: list[torch.Tensor | None], dropout: float = 0.0):
+    def __init__(self, layers: list[nn.Module], dropout: float = 0.0, batch_first: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.dropout = dropout
-        self.lstm = layers[0].mode == "LSTM"
-        for i, index in enumerate(keep):
-            self.register_buffer(f"keep_{i}", index)
+        self.layers = nn.ModuleList(layers)  # each an nn.RNNBase, or an nn.ModuleList([forward, reverse])
+        self.dropout, self.batch_first = dropout, batch_first
 
     def forward(self, x: torch.Tensor, hx: None = None):
         if hx is not None:
-            raise ValueError("RecurrentStack takes no initial state (its layers have different widths)")
+            raise ValueError("RecurrentStack takes no initial state: its layers have different widths")
+        time = 1 if self.batch_first and x.dim() == 3 else 0
         states = []
         for i, layer in enumerate(self.layers):
-            x, state = layer(x)
-            index = getattr(self, f"keep_{i}")
-            if index is not None:
-                x = x.index_select(-1, index)
+            if isinstance(layer, nn.ModuleList):
+                forward_out, forward_state = layer[0](x)
+                reverse_out, reverse_state = layer[1](x.flip(time))
+                x = torch.cat([forward_out, reverse_out.flip(time)], -1)
+                states += [forward_state, reverse_state]
+            else:
+                x, state = layer(x)
+                states.append(state)
             if self.dropout and i < len(self.layers) - 1:
                 x = F.dropout(x, self.dropout, self.training)
-            states.append(state)
-        if self.lstm:
+        if isinstance(states[0], tuple):
             return x, (_stack([h for h, _ in states]), _stack([c for _, c in states]))
         return x, _stack(states)
 
     @classmethod
-    def from_layers_of(cls, m: nn.RNNBase) -> RecurrentStack:
-        """Split ``m``, whose parameters may have different widths per layer and direction."""
-        directions = ["", "_reverse"] if m.bidirectional else [""]
-        gates = GATES[m.mode]
-        layers, keep = [], []
-        for layer in range(m.num_layers):
-            get = lambda name, d: getattr(m, f"{name}_l{layer}{d}")  # noqa: E731
-            hidden = [get("weight_hh", d).shape[0] // gates for d in directions]
-            proj = [get("weight_hr", d).shape[0] for d in directions] if m.proj_size else hidden
-            width, out_width = max(hidden), max(proj)
-            new = _like(m, get("weight_ih", "").shape[1], width, out_width if m.proj_size else 0)
-            for d, h, p in zip(directions, hidden, proj):
-                _copy_padded(new, m, f"_l0{d}", f"_l{layer}{d}", gates, h, width)
-            padded = len(set(proj)) > 1
-            keep.append(torch.cat([torch.arange(p) + i * out_width for i, p in enumerate(proj)])
-                        .to(get("weight_ih", "").device) if padded else None)
-            layers.append(new)
-        return cls(layers, keep, m.dropout)
-
-
-def _like(m: nn.RNNBase, input_size: int, hidden: int, proj: int) -> nn.RNNBase:
-    w = m.weight_ih_l0
-    kwargs = dict(num_layers=1, bias=m.bias, batch_first=m.batch_first, bidirectional=m.bidirectional,
-                  device=w.device, dtype=w.dtype)
-    if m.mode == "LSTM":
-        kwargs["proj_size"] = proj
-    elif m.mode != "GRU":
-        kwargs["nonlinearity"] = m.nonlinearity
-    return type(m)(input_size, hidden, **kwargs)
-
-
-@torch.no_grad()
-def _copy_padded(new: nn.RNNBase, old: nn.RNNBase, to: str, source: str, gates: int, units: int, width: int) -> None:
-    """Copy one direction's parameters into ``new``, each gate block padded with zero rows."""
-    for name, p in new.named_parameters():
-        if not name.endswith(to):
-            continue
-        src = getattr(old, name[: -len(to)] + source)
-        p.zero_()
-        p.requires_grad_(src.requires_grad)
-        if name.startswith("weight_hr"):
-            p[: src.shape[0], : src.shape[1]] = src
-            continue
-        for g in range(gates):
-            rows = src[g * units:(g + 1) * units]
-            if p.dim() == 1:
-                p[g * width: g * width + units] = rows
+    def from_parameters(cls, like: nn.RNNBase, layers: list[list[dict[str, torch.Tensor]]],
+                        dropout: float, batch_first: bool) -> RecurrentStack:
+        """A stack holding ``layers[i][d]`` (parameters by name without suffix) as layer i, direction d;
+        ``like`` gives the cell type, bias and nonlinearity."""
+        built: list[nn.Module] = []
+        for directions in layers:
+            if len({widths(like, p) for p in directions}) == 1:
+                built.append(_single(like, directions, batch_first))
             else:
-                p[g * width: g * width + units, : rows.shape[1]] = rows
+                built.append(nn.ModuleList([_single(like, [p], batch_first) for p in directions]))
+        return cls(built, dropout, batch_first)
+
+
+def directions_of(m: nn.Module) -> list[list[Direction]]:
+    """Per layer, per direction: where the parameters of an ``nn.RNNBase`` or a ``RecurrentStack`` live."""
+    if isinstance(m, nn.RNNBase):
+        suffixes = ["", "_reverse"] if m.bidirectional else [""]
+        return [[("", m, f"_l{k}{s}") for s in suffixes] for k in range(m.num_layers)]
+    out = []
+    for i, layer in enumerate(m.layers):
+        if isinstance(layer, nn.ModuleList):
+            out.append([(f"layers.{i}.{j}", sub, "_l0") for j, sub in enumerate(layer)])
+        else:
+            out.append([(f"layers.{i}", layer, s) for s in (["_l0", "_l0_reverse"] if layer.bidirectional else ["_l0"])])
+    return out
+
+
+def parameters_of(direction: Direction) -> dict[str, torch.Tensor]:
+    """The parameters of one direction, by their names without suffix."""
+    _, module, suffix = direction
+    return {name: getattr(module, name + suffix) for name in PARAMETERS if hasattr(module, name + suffix)}
+
+
+def widths(like: nn.RNNBase, params: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(hidden units, projected units or 0) of one direction's parameters."""
+    hidden = params["weight_hh"].shape[0] // GATES[like.mode]
+    return hidden, params["weight_hr"].shape[0] if "weight_hr" in params else 0
+
+
+def _single(like: nn.RNNBase, directions: list[dict[str, torch.Tensor]], batch_first: bool) -> nn.RNNBase:
+    """One layer holding ``directions`` (one, or forward and reverse of equal widths)."""
+    hidden, proj = widths(like, directions[0])
+    if proj and proj >= hidden:  # nn.LSTM needs proj_size < hidden_size: add units that stay zero
+        directions = [_with_dead_units(p, GATES[like.mode], proj + 1) for p in directions]
+        hidden = proj + 1
+    kwargs = dict(num_layers=1, bias=like.bias, batch_first=batch_first, bidirectional=len(directions) == 2,
+                  device="meta")
+    if like.mode == "LSTM":
+        kwargs["proj_size"] = proj
+    elif like.mode != "GRU":
+        kwargs["nonlinearity"] = like.nonlinearity
+    module = type(like)(directions[0]["weight_ih"].shape[1], hidden, **kwargs)
+    for suffix, params in zip(["_l0", "_l0_reverse"], directions):
+        for name, t in params.items():
+            setattr(module, name + suffix, t if isinstance(t, nn.Parameter) else nn.Parameter(t, t.requires_grad))
+    module._init_flat_weights()
+    return module
+
+
+def _with_dead_units(params: dict[str, torch.Tensor], gates: int, width: int) -> dict[str, torch.Tensor]:
+    """Widen one direction to ``width`` hidden units with zero gate rows and zero projection columns:
+    such a unit's state stays exactly zero, so the function is unchanged."""
+    hidden = params["weight_hh"].shape[0] // gates
+    out = {}
+    for name, t in params.items():
+        if name == "weight_hr":
+            grown = F.pad(t.detach(), (0, width - hidden))
+        else:
+            blocks = t.detach().reshape(gates, hidden, *t.shape[1:])
+            grown = F.pad(blocks, (0, 0) * (t.dim() - 1) + (0, width - hidden)).reshape(gates * width, *t.shape[1:])
+        out[name] = nn.Parameter(grown, t.requires_grad)
+    return out
 
 
 def _stack(states: list[torch.Tensor]) -> torch.Tensor:

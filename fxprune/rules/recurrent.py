@@ -8,7 +8,9 @@ the projected outputs (``<module>.proj_l<k>[_reverse]``), which are what the nex
 recurrence and the output see. A masked unit's gate rows are zero, so its state stays exactly zero.
 
 The stacked states ``h_n``/``c_n`` hold every layer in one tensor: when they are passed in or used,
-the layers' units are coupled index by index so that the tensor stays dense after compaction.
+the layers' units are coupled index by index so that the tensor stays dense after compaction. A
+``RecurrentStack`` (what compaction makes of an RNN whose layers keep different widths) has the
+same groups, so it can be compacted again with the same mask names.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..labels import along
+from ..labels import NONE, along
+from ..modules.recurrent import GATES, RecurrentStack, directions_of
 from .registry import RuleContext, rule
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 CELL_GATES = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
 
 
@@ -39,12 +41,12 @@ def states_used(node: torch.fx.Node) -> bool:
     return any(not _is_getitem(u) or (u.args[1] != 0 and _used(u)) for u in node.users)
 
 
-def _gate_rows(ctx: RuleContext, owner: str, hidden: torch.Tensor, gates: int, input_atoms, input_role: str,
-               recurrent_atoms: torch.Tensor, bias_names: list[str]) -> None:
-    """Members of one layer: weight_ih and weight_hh rows per gate block, their columns, biases."""
+def _gate_rows(ctx: RuleContext, weight_ih: str, owner: str, hidden: torch.Tensor, gates: int, input_atoms,
+               input_role: str, recurrent_atoms: torch.Tensor, bias_names: list[str]) -> None:
+    """Members of one layer: weight_ih and weight_hh (``owner``) rows per gate block, their columns, biases."""
     rows = hidden.repeat(gates)
-    ctx.member(owner.replace("weight_hh", "weight_ih"), 0, rows, "out")
-    ctx.member(owner.replace("weight_hh", "weight_ih"), 1, input_atoms, input_role, input_dim=-1)
+    ctx.member(weight_ih, 0, rows, "out")
+    ctx.member(weight_ih, 1, input_atoms, input_role, input_dim=-1)
     ctx.member(owner, 0, rows, "out")
     ctx.member(owner, 1, recurrent_atoms, "channel")
     for name in bias_names:
@@ -62,35 +64,38 @@ def _state_labels(rows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     return stacked.reshape(len(rows), *[1] * (len(shape) - 2), stacked.shape[1]).expand(shape)
 
 
-@rule(nn.RNNBase)
+@rule(nn.RNNBase, RecurrentStack)
 def recurrent(ctx: RuleContext, x: torch.Tensor, hx=None) -> tuple:
     """out, h_n[, c_n] <- the stacked recurrence over x (see the module docstring)."""
     m, space, target = ctx.module, ctx.space, ctx.node.target
     if not isinstance(x, torch.Tensor):
         raise TypeError("PackedSequence inputs are not supported: pass the padded tensor")
-    directions = 2 if m.bidirectional else 1
+    layers = directions_of(m)
+    lstm = isinstance(layers[0][0][1], nn.LSTM)
     layer_in, input_role = space.per_index(x, -1), "in"
     outs, hidden_rows = [], []
-    for layer in range(m.num_layers):
+    for layer, directions in enumerate(layers):
         layer_out = []
-        for d in range(directions):
-            suffix = f"_l{layer}{'_reverse' if d else ''}"
-            owner = ctx.param_name(f"weight_hh{suffix}")
-            hidden = ctx.channels(owner, m.hidden_size, f"{target}.hidden{suffix}", key="hidden")
+        for d, (path, module, suffix) in enumerate(directions):
+            name = lambda p: ctx.param_name(f"{path}.{p}{suffix}" if path else f"{p}{suffix}")  # noqa: E731
+            unit = f"_l{layer}{'_reverse' if d else ''}"
+            owner = name("weight_hh")
+            hidden = ctx.channels(owner, module.hidden_size, f"{target}.hidden{unit}", key="hidden")
             out = hidden
-            if m.proj_size:
-                proj = ctx.param_name(f"weight_hr{suffix}")
-                out = ctx.channels(proj, m.proj_size, f"{target}.proj{suffix}")
-                ctx.member(proj, 0, out, "out")
-                ctx.member(proj, 1, hidden, "channel")
-            biases = [ctx.param_name(f"{b}{suffix}") for b in ("bias_ih", "bias_hh")] if m.bias else []
-            _gate_rows(ctx, owner, hidden, GATES[m.mode], layer_in, input_role, out, biases)
+            if module.proj_size:
+                out = ctx.channels(name("weight_hr"), module.proj_size, f"{target}.proj{unit}")
+                ctx.member(name("weight_hr"), 0, out, "out")
+                ctx.member(name("weight_hr"), 1, hidden, "channel")
+            biases = [name("bias_ih"), name("bias_hh")] if module.bias else []
+            _gate_rows(ctx, name("weight_ih"), owner, hidden, GATES[module.mode], layer_in, input_role, out, biases)
             layer_out.append(out)
             hidden_rows.append(hidden)
         outs.extend(layer_out)
         layer_in, input_role = torch.cat(layer_out), "channel"
     out_meta, state_meta = ctx.node.meta["tensor_meta"]
-    lstm = m.mode == "LSTM"
+    output = along(layer_in, -1, out_meta.shape)
+    if isinstance(m, RecurrentStack):  # its states are zero-padded: not channels
+        return output, _not_channels(state_meta)
     h_meta, c_meta = state_meta if lstm else (state_meta, None)
     if hx is not None or states_used(ctx.node):
         _couple_rows(ctx, outs)
@@ -100,8 +105,13 @@ def recurrent(ctx: RuleContext, x: torch.Tensor, hx=None) -> tuple:
     if hx is not None:
         for given, labels in zip(hx if lstm else (hx,), (h_n, c_n)):
             space.union(given, labels)
-    output = along(layer_in, -1, out_meta.shape)
     return (output, (h_n, c_n)) if lstm else (output, h_n)
+
+
+def _not_channels(meta):
+    if hasattr(meta, "shape"):
+        return torch.full((1,) * len(meta.shape), NONE).expand(meta.shape)
+    return tuple(_not_channels(m) for m in meta)
 
 
 @rule(nn.RNNCellBase)
@@ -112,7 +122,7 @@ def recurrent_cell(ctx: RuleContext, x: torch.Tensor, hx=None):
     hidden = ctx.channels(owner, m.hidden_size, f"{ctx.node.target}.hidden", key="hidden")
     biases = [ctx.param_name(b) for b in ("bias_ih", "bias_hh")] if m.bias else []
     gates = next(g for cls, g in CELL_GATES.items() if isinstance(m, cls))
-    _gate_rows(ctx, owner, hidden, gates, ctx.space.per_index(x, -1), "in", hidden, biases)
+    _gate_rows(ctx, ctx.param_name("weight_ih"), owner, hidden, gates, ctx.space.per_index(x, -1), "in", hidden, biases)
     lstm = isinstance(m, nn.LSTMCell)
     if hx is not None:
         for given in hx if lstm else (hx,):
