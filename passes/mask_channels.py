@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from fxprune.errors import CompactError
+from fxprune.labels import compress
 from fxprune.masks import Plan
 from fxprune.modules.masked import MaskedModule
 from fxprune.trace import ALWAYS_LEAF
@@ -103,8 +104,7 @@ def _mask_inside(gm, target: str, node, plan: Plan, zeroed: torch.Tensor, produc
     def output_mask(labels: Any) -> Any:
         if not isinstance(labels, torch.Tensor):
             return labels
-        if compacted:
-            labels = plan.surviving(labels)
+        labels = plan.surviving(labels) if compacted else compress(labels)  # broadcasts over any length
         return (~torch.where(labels >= 0, own[labels.clamp(min=0)], False)).float()
 
     outputs = tree_map(output_mask, plan.analysis.labels[node.name])

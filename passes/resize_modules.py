@@ -7,18 +7,22 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxprune.errors import CompactError
 from fxprune.modules.attention import PrunedMultiheadAttention
 from fxprune.modules.recurrent import RecurrentStack, widths, directions_of, parameters_of
 
+from fxprune.rules.recurrent import states_used
+
 from .rewrite_shapes import Shapes
 
-RESIZERS: dict[type, Callable[[nn.Module, nn.Module, list[int]], nn.Module | None]] = {}
+RESIZERS: dict[type, Callable[[nn.Module, nn.Module, list[int], torch.fx.Node], nn.Module | None]] = {}
 
 
 def resizer(*classes: type):
     """Register how a module class recomputes its attributes.
 
-    A resizer gets the module, the module before compaction, and the new shape of its input. It
+    A resizer gets the module, the module before compaction, the new shape of its input and its
+    node. It
     updates the module in place, or returns a module to replace it where the module's class cannot
     hold the new shapes.
     """
@@ -32,7 +36,7 @@ def resizer(*classes: type):
 
 
 @resizer(nn.modules.conv._ConvNd)
-def _conv(m, old, in_shape) -> None:  # grouped convs lose whole groups; channels per group stay
+def _conv(m, old, in_shape, node) -> None:  # grouped convs lose whole groups; channels per group stay
     outer, inner = m.weight.shape[:2]  # (out, in/groups) or, transposed, (in, out/groups)
     per_group = (old.in_channels if m.transposed else old.out_channels) // old.groups
     m.groups = outer // per_group if old.groups > 1 else 1
@@ -43,44 +47,49 @@ def _conv(m, old, in_shape) -> None:  # grouped convs lose whole groups; channel
 
 
 @resizer(nn.Linear)
-def _linear(m, old, in_shape) -> None:
+def _linear(m, old, in_shape, node) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
 @resizer(nn.modules.batchnorm._NormBase)
-def _norm(m, old, in_shape) -> None:
+def _norm(m, old, in_shape, node) -> None:
     m.num_features = in_shape[1]
 
 
 @resizer(nn.LayerNorm)
-def _layer_norm(m, old, in_shape) -> None:
+def _layer_norm(m, old, in_shape, node) -> None:
     if m.weight is not None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
 @resizer(nn.GroupNorm)
-def _group_norm(m, old, in_shape) -> None:
+def _group_norm(m, old, in_shape, node) -> None:
     if m.weight is not None:
         m.num_channels = m.weight.shape[0]
 
 
 @resizer(nn.Embedding)
-def _embedding(m, old, in_shape) -> None:
+def _embedding(m, old, in_shape, node) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 @resizer(nn.PReLU)
-def _prelu(m, old, in_shape) -> None:
+def _prelu(m, old, in_shape, node) -> None:
     m.num_parameters = m.weight.numel()
 
 
 @resizer(nn.RNNBase, RecurrentStack)
-def _recurrent(m, old, in_shape) -> nn.Module | None:
+def _recurrent(m, old, in_shape, node) -> nn.Module | None:
     """One module while every layer and direction keeps the same width; else one per layer."""
     layers = [[parameters_of(d) for d in directions] for directions in directions_of(m)]
     like = m if isinstance(m, nn.RNNBase) else directions_of(m)[0][0][1]
     found = {widths(like, p) for layer in layers for p in layer}
-    if isinstance(m, RecurrentStack) or len(found) > 1 or any(0 < proj >= hidden for hidden, proj in found):
+    too_narrow = any(0 < proj >= hidden for hidden, proj in found)  # nn.LSTM needs proj_size < hidden_size
+    if too_narrow and (len(node.args) > 1 or "hx" in node.kwargs or states_used(node)):
+        raise CompactError(
+            f"the masks keep {found} (hidden, projected) units in LSTM '{node.target}', whose cell state is "
+            "used or passed in: nn.LSTM needs more hidden units than projected ones; keep more hidden units")
+    if isinstance(m, RecurrentStack) or len(found) > 1 or too_narrow:
         return RecurrentStack.from_parameters(like, layers, m.dropout, m.batch_first)
     m.hidden_size, m.proj_size = widths(like, layers[0][0])
     m.input_size = m.weight_ih_l0.shape[1]
@@ -89,12 +98,12 @@ def _recurrent(m, old, in_shape) -> nn.Module | None:
 
 
 @resizer(nn.RNNCellBase)
-def _recurrent_cell(m, old, in_shape) -> None:
+def _recurrent_cell(m, old, in_shape, node) -> None:
     m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]
 
 
 @resizer(nn.MultiheadAttention, PrunedMultiheadAttention)
-def _attention(m, old, in_shape) -> nn.Module | None:
+def _attention(m, old, in_shape, node) -> nn.Module | None:
     """nn.MultiheadAttention needs num_heads * head_dim == embed_dim: once heads or features are
     removed it becomes a PrunedMultiheadAttention holding the same parameters."""
     packed = m.in_proj_weight is not None
@@ -128,7 +137,7 @@ def resize_modules(gm: torch.fx.GraphModule, before: torch.fx.GraphModule, shape
             if cls in RESIZERS:
                 x = node.args[0]
                 in_shape = shapes.new_shape(x) if isinstance(shapes.labels(x), torch.Tensor) else None
-                replacement = RESIZERS[cls](m, before.get_submodule(node.target), in_shape)
+                replacement = RESIZERS[cls](m, before.get_submodule(node.target), in_shape, node)
                 if replacement is not None:
                     gm.set_submodule(node.target, replacement)
                 break
