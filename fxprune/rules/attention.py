@@ -13,14 +13,9 @@ from torch import nn
 
 from ..labels import NONE, along
 from ..modules.attention import PrunedMultiheadAttention
-from .recurrent import _is_getitem, _used
-from .registry import RuleContext, rule
+from .registry import RuleContext, element_read, rule
 
 PROJECTIONS = (("q_proj_weight", 0, "query"), ("k_proj_weight", 1, "key"), ("v_proj_weight", 2, "value"))
-
-
-def _weights_used(node) -> bool:
-    return any(not _is_getitem(u) or (u.args[1] == 1 and _used(u)) for u in node.users)
 
 
 @rule(nn.MultiheadAttention, PrunedMultiheadAttention)
@@ -54,7 +49,7 @@ def multihead_attention(ctx: RuleContext, query: torch.Tensor, key: torch.Tensor
     if weights_meta is None:
         return output, None
     if average_attn_weights:
-        if _weights_used(ctx.node):
+        if element_read(ctx.node, 1):
             space.block(heads, f"{ctx.where} returns attention weights averaged over its heads, and they are used")
         return output, torch.full((1,) * len(weights_meta.shape), NONE).expand(weights_meta.shape)
     return output, along(heads, -3, weights_meta.shape)

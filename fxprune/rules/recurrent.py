@@ -14,31 +14,20 @@ same groups, so it can be compacted again with the same mask names.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 from torch import nn
 
 from ..labels import NONE, along
 from ..modules.recurrent import GATES, RecurrentStack, directions_of
-from .registry import RuleContext, rule
+from .registry import RuleContext, element_read, rule
 
 CELL_GATES = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
 
 
-def _is_getitem(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
-
-
-def _used(node: torch.fx.Node) -> bool:
-    """Whether a value is read: by anything but an unused ``getitem``."""
-    return any(not _is_getitem(u) or _used(u) for u in node.users)
-
-
 def states_used(node: torch.fx.Node) -> bool:
     """Whether anything reads the states an RNN returns next to its output."""
-    return any(not _is_getitem(u) or (u.args[1] != 0 and _used(u)) for u in node.users)
+    return element_read(node, 1)
 
 
 def _gate_rows(ctx: RuleContext, weight_ih: str, owner: str, hidden: torch.Tensor, gates: int, input_atoms,

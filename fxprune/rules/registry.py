@@ -6,6 +6,7 @@ flow through their op; anything not registered is a boundary.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,20 @@ class RuleContext:
         for labels in tensors_in(args):
             self.space.block(labels, reason)
         return fixed_like(self.space, self.node.meta.get("tensor_meta"), reason)
+
+
+def _is_getitem(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def is_read(node: torch.fx.Node) -> bool:
+    """Whether a node's value is used: by anything but ``getitem`` nodes whose values are unused."""
+    return any(not _is_getitem(u) or is_read(u) for u in node.users)
+
+
+def element_read(node: torch.fx.Node, index: int) -> bool:
+    """Whether element ``index`` of a node's tuple output is used (the whole tuple counts)."""
+    return any(not _is_getitem(u) or (u.args[1] == index and is_read(u)) for u in node.users)
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
