@@ -10,22 +10,20 @@ whole test set, then compared with the original for size, FLOPs, CPU latency and
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from tabulate import tabulate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import fxprune
 from fxprune import data
+
+from common import latencies, max_relative_error, ms, ratio, seed_everything, table  # examples/common.py
 
 Masks = dict[str, torch.Tensor]
 TOLERANCE = 1e-4  # largest allowed |apply_masks - compact|, relative to the largest output
@@ -91,13 +89,6 @@ def load_task(name: str) -> Task:
     if name == "digits":
         return Task(name, *data.digits(), spatial_dims=2)
     raise ValueError(f"unknown dataset {name!r}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train(model: nn.Module, dataset: TensorDataset, epochs: int, lr: float = 3e-3,
@@ -167,41 +158,6 @@ def magnitude_masks(analysis: fxprune.Analysis, model: nn.Module, keep: float) -
     return masks
 
 
-def max_relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
-    """``max |reference - output|`` divided by ``max |reference|``."""
-    return ((reference - output).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
-
-
-# --------------------------------------------------------------------------- measurement
-
-
-@torch.no_grad()
-def latencies(models: list[nn.Module], x: torch.Tensor, repeats: int = 30, warmup: int = 5) -> list[float]:
-    """Median seconds per forward pass of each model on ``x``.
-
-    Models are timed in alternation, so load from other processes affects them alike.
-    """
-    for m in models:
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for m, t in zip(models, times):
-            start = time.perf_counter()
-            m(x)
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms"
-
-
-def _ratio(before: float, after: float) -> str:
-    return f"{before / after:.2f}x" if after else "-"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -246,10 +202,10 @@ def run(task: Task, epochs: int = 10, keep: float = 0.5, seed: int = 0, finetune
     lat1 = latencies([model, small], x_example, timing_repeats)
     lat256 = latencies([model, small], x_batch, max(5, timing_repeats // 3))
     rows = [
-        ["parameters", f"{cost_before.params:,}", f"{cost_after.params:,}", _ratio(cost_before.params, cost_after.params)],
-        ["FLOPs (batch 1)", f"{cost_before.flops:,}", f"{cost_after.flops:,}", _ratio(cost_before.flops, cost_after.flops)],
-        ["CPU latency, batch 1", _ms(lat1[0]), _ms(lat1[1]), _ratio(*lat1)],
-        ["CPU latency, batch 256", _ms(lat256[0]), _ms(lat256[1]), _ratio(*lat256)],
+        ["parameters", f"{cost_before.params:,}", f"{cost_after.params:,}", ratio(cost_before.params, cost_after.params)],
+        ["FLOPs (batch 1)", f"{cost_before.flops:,}", f"{cost_after.flops:,}", ratio(cost_before.flops, cost_after.flops)],
+        ["CPU latency, batch 1", ms(lat1[0]), ms(lat1[1]), ratio(*lat1)],
+        ["CPU latency, batch 256", ms(lat256[0]), ms(lat256[1]), ratio(*lat256)],
         ["test accuracy", f"{acc_before:.2%}", f"{acc_after:.2%}", ""],
     ]
     if finetune > 0:
@@ -279,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(m) for m in result.masks.values())
     print(f"\npruned {len(result.masks)} prunable groups by filter magnitude, kept {kept}/{total} channels "
           f"(--keep {args.keep}); {torch.get_num_threads()} CPU threads\n")
-    print(tabulate(result.rows, ["", "original", "compact", "ratio"], tablefmt="github",
-                   colalign=("left", "right", "right", "right")))
+    print(table(result.rows, ["", "original", "compact", "ratio"]))
     print(f"\ntotal time {time.perf_counter() - start:.1f} s")
     if not result.error < TOLERANCE:
         print(f"FAILED: compact model differs from apply_masks by {result.error:.2e} (relative)", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,7 +71,9 @@ def _count_flops(
         return memo[id(t)]
 
     state, inputs = pytree.tree_map_only(torch.Tensor, convert_once, (state, inputs))
-    with FlopCounterMode(display=False) as counter:
+    # without oneDNN, CPU RNNs run as matrix products the counter sees, not as one fused op it cannot
+    with FlopCounterMode(display=False) as counter, torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice
         functional_call(model, state, inputs, tie_weights=False)
     return counter.get_total_flops()
 
@@ -80,7 +83,7 @@ def cost(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ..
 
     FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
     matmul- and convolution-like ops only (elementwise ops, normalization and pooling
-    are free). The forward pass runs through :func:`torch.func.functional_call` on
+    are free); recurrent layers count their gate matrix products. The forward pass runs through :func:`torch.func.functional_call` on
     fake tensors (:class:`FakeTensorMode`), so no real arithmetic is done and the
     model's own parameters and buffers (e.g. BatchNorm running stats in train mode)
     are never touched. A model whose control flow depends on tensor values runs

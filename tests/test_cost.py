@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -84,3 +85,13 @@ def test_data_dependent_control_flow_falls_back_without_mutation():
 def test_str_is_readable():
     assert str(Cost(flops=1_500_000, params=2_340)) == "1.50M FLOPs, 2.34K params"
     assert str(Cost(flops=12, params=3)) == "12 FLOPs, 3 params"
+
+
+@pytest.mark.parametrize("cls, gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_recurrent_layers_count_their_gate_products(cls, gates):
+    """On CPU an RNN runs as one fused oneDNN op unless disabled; cost must still count its gates."""
+    steps, features, hidden = 5, 4, 8
+    model = cls(features, hidden, num_layers=2)
+    got = cost(model, torch.randn(steps, 1, features)).flops
+    per_step = gates * hidden * (features + hidden) + gates * hidden * (hidden + hidden)
+    assert got == 2 * steps * per_step

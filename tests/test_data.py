@@ -100,3 +100,43 @@ def test_image_folder_needs_one_size(tmp_path):
     Image.new("RGB", (5, 4)).save(tmp_path / "a" / "1.png")
     with pytest.raises(ValueError, match="size="):
         data.image_folder(tmp_path, test_fraction=0.5)
+
+
+def test_python_docs_text():
+    text = data.python_docs_text()
+    assert isinstance(text, str) and len(text) > 100_000 and "the" in text
+
+
+def test_char_corpus_windows_split_and_vocabulary(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(40))
+    corpus = data.char_corpus(text, seq_len=16, val_fraction=0.25)
+    assert corpus.vocab == "".join(sorted(set(text)))
+    assert corpus.decode(corpus.encode(text)) == text
+    x, y = corpus.train.tensors
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and x.shape[1] == 16
+    split = len(text) - round(len(text) * 0.25)
+    assert len(corpus.train) == (split - 1) // 16 and len(corpus.val) == (len(text) - split - 1) // 16
+    assert corpus.decode(x.flatten()) == text[: x.numel()]  # consecutive, non-overlapping windows
+    assert corpus.decode(y.flatten()) == text[1 : x.numel() + 1]  # targets: the next characters
+    val_x, val_y = corpus.val.tensors
+    assert corpus.decode(val_x.flatten()) == text[split : split + val_x.numel()]
+    assert torch.equal(val_x[:, 1:], val_y[:, :-1])
+
+    path = tmp_path / "text.txt"
+    path.write_text(text + "ünïcode", encoding="utf-8")
+    from_file = data.char_corpus(path=path, seq_len=16, max_chars=len(text))
+    assert from_file.vocab == corpus.vocab
+    assert torch.equal(from_file.train.tensors[0], data.char_corpus(text, seq_len=16).train.tensors[0])
+    assert "ü" in data.char_corpus(path=str(path), seq_len=16).vocab
+
+
+def test_char_corpus_errors(tmp_path):
+    corpus = data.char_corpus("abc" * 8, seq_len=2, val_fraction=0.5)
+    with pytest.raises(ValueError, match="'z'"):
+        corpus.encode("abz")
+    with pytest.raises(TypeError, match="not both"):
+        data.char_corpus("abc", path=tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="too few"):
+        data.char_corpus("abcabc", seq_len=10)
+    default = data.char_corpus(seq_len=64, max_chars=5000)
+    assert set(default.vocab) <= set(data.python_docs_text())

@@ -10,7 +10,9 @@ from torch.utils.data import TensorDataset
 import fxprune
 from fxprune import data
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(_EXAMPLES))  # as when run as a script: the examples import examples/common.py
+_PATH = _EXAMPLES / "demo.py"
 _spec = importlib.util.spec_from_file_location("fxprune_demo", _PATH)
 demo = sys.modules["fxprune_demo"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
