@@ -18,6 +18,7 @@ from fxprune.errors import CompactError
 from fxprune.labels import compress
 from fxprune.masks import Plan
 from fxprune.modules.masked import MaskedModule
+from fxprune.modules.recurrent import RecurrentStack, renamed
 from fxprune.trace import ALWAYS_LEAF
 
 
@@ -83,12 +84,15 @@ def _mask_inside(gm, target: str, node, plan: Plan, zeroed: torch.Tensor, produc
         own[p.atoms] = zeroed[p.atoms]
     module = gm.get_submodule(target)
     names = dict(module.named_parameters(remove_duplicate=False))
+    before = plan.analysis.gm.get_submodule(target)
+    moved = renamed(before, module) if isinstance(module, RecurrentStack) and module is not before else {}
     param_masks: dict[str, torch.Tensor] = {}
     prefix, calls, seen = f"{target}.", {p.node for p in producers}, set()
     for m in plan.analysis.space.members:
         local = m.owner[len(prefix):] if m.owner.startswith(prefix) else None
         if m.node not in calls or local is None or (local, m.dim) in seen:
             continue
+        local = moved.get(local, local)
         seen.add((local, m.dim))
         atoms = m.atoms[plan.kept(m.atoms)] if compacted else m.atoms
         keep = ~torch.where(atoms >= 0, own[atoms.clamp(min=0)], False)

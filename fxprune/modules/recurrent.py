@@ -71,6 +71,19 @@ def directions_of(m: nn.Module) -> list[list[Direction]]:
     return out
 
 
+def parameter_names(m: nn.Module) -> list[list[dict[str, str]]]:
+    """Per layer, per direction: the qualified name of each parameter (by name without suffix)."""
+    return [[{name: f"{path}.{name}{suffix}" if path else f"{name}{suffix}" for name in parameters_of((path, module, suffix))}
+             for path, module, suffix in directions] for directions in directions_of(m)]
+
+
+def renamed(before: nn.Module, after: nn.Module) -> dict[str, str]:
+    """Where each parameter of ``before`` lives in ``after`` (the same RNN, rebuilt as a stack or back)."""
+    return {old[name]: new[name]
+            for layer_old, layer_new in zip(parameter_names(before), parameter_names(after))
+            for old, new in zip(layer_old, layer_new) for name in old}
+
+
 def parameters_of(direction: Direction) -> dict[str, torch.Tensor]:
     """The parameters of one direction, by their names without suffix."""
     _, module, suffix = direction
