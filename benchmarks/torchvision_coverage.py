@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """How much of every torchvision classification model fxprune can compact exactly.
 
-For each model (``weights=None``, eval mode, BatchNorm statistics randomised so that a wrongly
-removed or wrongly folded channel shows in the outputs):
+For each model (``weights=None``, eval mode, constant parameters and BatchNorm statistics
+redrawn by ``fxprune.zoo.randomize_constants`` so that a wrongly removed or wrongly folded channel
+shows in the outputs):
 
 1. ``fxprune.analyze`` on a 1x3xSxS input (S per family, as in ``tests/test_torchvision.py``);
 2. random keep-masks (fixed seed): every prunable group of more than one channel keeps
@@ -145,20 +146,13 @@ def build(name: str, seed: int):
 
     import torch
 
-    from fxprune.zoo import torchvision_models
+    from fxprune.zoo import randomize_constants, torchvision_models
 
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = getattr(torchvision_models(), name)(weights=None)
-    for m in model.modules():  # non-trivial statistics: a wrongly kept or folded channel shows
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            with torch.no_grad():
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.1, 0.1)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_constants(model, seed)  # a wrongly kept, removed or folded channel shows
     size = input_size(name)
     return model.eval(), torch.randn(1, 3, size, size)
 
@@ -484,8 +478,8 @@ def section(results: list[dict], skipped: dict, info: dict) -> str:
             distinct[reason] += 1
     lines = [SECTION, "", f"Command: `{info['command']}`", "", f"Machine: {info['machine']}.", "",
              f"Code: {info['code']}.", "",
-             f"Every torchvision classification model (`weights=None`, eval mode, BatchNorm statistics "
-             f"randomised), input 1x3xSxS (S = 224 for vit/swin/maxvit, 299 inception, 96 googlenet, "
+             f"Every torchvision classification model (`weights=None`, eval mode, constant parameters and "
+             f"BatchNorm statistics redrawn by `fxprune.zoo.randomize_constants`), input 1x3xSxS (S = 224 for vit/swin/maxvit, 299 inception, 96 googlenet, "
              f"128 efficientnet_v2, 64 otherwise). Every prunable group of more than one channel keeps a "
              f"random {info['keep']:.0%} of its channels (seed {info['seed']}; a draw that would leave some tensor "
              f"without any channel is refused by `compact` with a MaskError and drawn again with the next seed, "

@@ -9,7 +9,7 @@ import os
 import sys
 from types import ModuleType
 
-__all__ = ["classification_model_names", "torchvision_models"]
+__all__ = ["classification_model_names", "randomize_constants", "torchvision_models"]
 
 
 def _models_without_extension(package_dirs: list[str]) -> ModuleType:
@@ -50,3 +50,27 @@ def classification_model_names() -> list[str]:
     """Names of torchvision's classification model factories, e.g. ``"resnet18"``."""
     models = torchvision_models()
     return models.list_models(module=models)
+
+
+def randomize_constants(model: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
+    """Redraw, in place, every parameter that holds one repeated value (a zero-initialised
+    classifier, unit norm scales, 1e-6 layer scales) and every BatchNorm's statistics, so that a
+    wrongly removed, kept or folded channel changes the output of an untrained model. Returns it."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def redraw(t: "torch.Tensor", low: float, high: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * (high - low) + low)
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and p.is_floating_point() and bool((p == p.flatten()[0]).all()):
+                value = float(p.flatten()[0])
+                spread = max(abs(value), 0.2) / 2 if abs(value) > 1e-3 else 0.1
+                redraw(p, value - spread, value + spread)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                redraw(m.running_mean, -0.1, 0.1)
+                redraw(m.running_var, 0.5, 1.5)
+    return model

@@ -38,7 +38,7 @@ def test_model_compacts_exactly_or_flags(name: str) -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model = getattr(MODELS, name)(weights=None).eval()
+        model = zoo.randomize_constants(getattr(MODELS, name)(weights=None)).eval()  # e.g. ViT's zero head
     size = input_size(name)
     x = torch.randn(1, 3, size, size)
     analysis = fxprune.analyze(model, x)

@@ -32,3 +32,18 @@ def test_missing_torchvision_raises_import_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
     with pytest.raises(ImportError, match="torchvision is not installed"):
         zoo.torchvision_models()
+
+
+def test_randomize_constants_redraws_constant_parameters_and_statistics():
+    import torch
+    from torch import nn
+
+    from fxprune.zoo import randomize_constants
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Linear(4, 3))
+    nn.init.zeros_(model[2].weight)
+    varied = model[0].weight.detach().clone()
+    randomize_constants(model)
+    assert model[2].weight.std() > 0 and model[1].weight.std() > 0 and model[1].running_var.std() > 0
+    assert (model[1].weight - 1).abs().max() <= 0.5 and model[1].running_var.min() >= 0.5
+    torch.testing.assert_close(model[0].weight, varied, rtol=0, atol=0)  # already varied: untouched
