@@ -72,9 +72,10 @@ def _count_flops(
 
     state, inputs = pytree.tree_map_only(torch.Tensor, convert_once, (state, inputs))
     # without oneDNN, CPU RNNs run as matrix products the counter sees, not as one fused op it cannot
-    with FlopCounterMode(display=False) as counter, torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice
-        functional_call(model, state, inputs, tie_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice, raised when its flags change
+        with FlopCounterMode(display=False) as counter, torch.backends.mkldnn.flags(enabled=False):
+            functional_call(model, state, inputs, tie_weights=False)
     return counter.get_total_flops()
 
 
