@@ -107,6 +107,9 @@ def _deviation(gm: torch.fx.GraphModule, reference: torch.fx.GraphModule, exampl
 def _check_not_emptied(plan: Plan) -> None:
     """A tensor left without any channel (a split piece whose channels are all masked) has no
     dense form: say which node, rather than emit a graph that cannot run."""
+    for p in plan.analysis.space.producers:  # units inside a module (an RNN direction, attention heads)
+        if not bool(plan.keep_atom[p.atoms].any()):
+            raise MaskError(f"the masks remove every channel of '{p.name}' (node '{p.node}'); keep at least one there")
     shapes = Shapes(plan)
     for node in plan.analysis.gm.graph.nodes:
         labels = plan.analysis.labels.get(node.name)

@@ -112,7 +112,7 @@ def _mask_inside(gm, target: str, node, plan: Plan, zeroed: torch.Tensor, produc
         return (~torch.where(labels >= 0, own[labels.clamp(min=0)], False)).float()
 
     outputs = tree_map(output_mask, plan.analysis.labels[node.name])
-    gm.set_submodule(target, MaskedModule(module, param_masks, outputs))
+    gm.set_submodule(target, MaskedModule(module, param_masks, outputs).train(module.training))
 
 
 def _free_name(gm: torch.fx.GraphModule, base: str) -> str:

@@ -90,7 +90,7 @@ def _recurrent(m, old, in_shape, node) -> nn.Module | None:
             f"the masks keep {found} (hidden, projected) units in LSTM '{node.target}', whose cell state is "
             "used or passed in: nn.LSTM needs more hidden units than projected ones; keep more hidden units")
     if isinstance(m, RecurrentStack) or len(found) > 1 or too_narrow:
-        return RecurrentStack.from_parameters(like, layers, m.dropout, m.batch_first)
+        return RecurrentStack.from_parameters(like, layers, m.dropout, m.batch_first).train(m.training)
     m.hidden_size, m.proj_size = widths(like, layers[0][0])
     m.input_size = m.weight_ih_l0.shape[1]
     m._init_flat_weights()

@@ -784,3 +784,242 @@ def masks_for(draw, analysis: fxprune.Analysis, producer_keys: bool = True, avoi
     else:
         assert not avoid_empty, "masks_for could not avoid emptied values"
     return DrawnMasks(masks, by)
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence models: embedding or Linear stem, recurrent / attention / Linear blocks, Linear head
+# --------------------------------------------------------------------------------------------
+
+RNN_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+@dataclass(frozen=True)
+class Embed:
+    name: str
+    vocab: int
+    dim: int
+
+    def make(self) -> nn.Module:
+        return nn.Embedding(self.vocab, self.dim)
+
+
+@dataclass(frozen=True)
+class Recurrent:
+    """An nn.LSTM / nn.GRU / nn.RNN; the block outputs its output sequence. If its ``batch_first``
+    differs from the model's stream layout, the block transposes around it."""
+
+    name: str
+    mode: str  # one of RNN_MODES
+    fin: int
+    hidden: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    batch_first: bool = False
+    bias: bool = True
+    proj: int = 0  # LSTM only
+    dropout: float = 0.0
+
+    @property
+    def fout(self) -> int:
+        return (self.proj or self.hidden) * (2 if self.bidirectional else 1)
+
+    def make(self) -> nn.Module:
+        kw = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                  dropout=self.dropout, bidirectional=self.bidirectional)
+        if self.mode == "LSTM":
+            return nn.LSTM(self.fin, self.hidden, proj_size=self.proj, **kw)
+        if self.mode == "GRU":
+            return nn.GRU(self.fin, self.hidden, **kw)
+        return nn.RNN(self.fin, self.hidden, nonlinearity=self.mode[4:].lower(), **kw)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Self-attention ``mha(x, k, v)[0]`` with ``k = key(x)`` and ``v = value(x)`` (or ``x`` where
+    they are None; a key or value of another width than ``embed`` gives separate projections)."""
+
+    name: str
+    embed: int
+    heads: int
+    batch_first: bool
+    bias: bool = True
+    add_bias_kv: bool = False
+    add_zero_attn: bool = False
+    key: Linear | None = None
+    value: Linear | None = None
+
+    @property
+    def kdim(self) -> int:
+        return self.key.fout if self.key else self.embed
+
+    @property
+    def vdim(self) -> int:
+        return self.value.fout if self.value else self.embed
+
+    def make(self) -> nn.Module:
+        return nn.MultiheadAttention(self.embed, self.heads, bias=self.bias, add_bias_kv=self.add_bias_kv,
+                                     add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
+                                     batch_first=self.batch_first)
+
+
+def _seq_modules(specs: tuple) -> list:
+    """The sequence-specific specs that own modules (SpecNet registers Linear, Act, Residual)."""
+    out = []
+    for s in specs:
+        if isinstance(s, (Embed, Recurrent)):
+            out.append(s)
+        elif isinstance(s, Attention):
+            out += [s] + [p for p in (s.key, s.value) if p is not None]
+        elif isinstance(s, Residual):
+            out += _seq_modules(s.body + s.shortcut)
+    return out
+
+
+class SeqNet(SpecNet):
+    """SpecNet plus embeddings, recurrent layers and self-attention; ``tie`` makes ``decoder``
+    share the weight of the ``stem`` embedding."""
+
+    def __init__(self, specs: tuple, batch_first: bool, tie: tuple[str, str] | None = None):
+        super().__init__(specs)
+        self.batch_first = batch_first
+        for s in _seq_modules(specs):
+            *path, leaf = s.name.split(".")
+            owner = self
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.add_module(leaf, s.make())
+        if tie is not None:
+            stem, decoder = tie
+            self.get_submodule(decoder).weight = self.get_submodule(stem).weight
+
+    def _run(self, s, x):
+        if isinstance(s, Embed):
+            return self.get_submodule(s.name)(x)
+        if isinstance(s, Recurrent):
+            flip = s.batch_first != self.batch_first
+            y = self.get_submodule(s.name)(x.transpose(0, 1) if flip else x)[0]
+            return y.transpose(0, 1) if flip else y
+        if isinstance(s, Attention):
+            k = x if s.key is None else self.get_submodule(s.key.name)(x)
+            v = x if s.value is None else self.get_submodule(s.value.name)(x)
+            return self.get_submodule(s.name)(x, k, v, need_weights=False)[0]
+        return super()._run(s, x)
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """A random sequence model: ``stem`` (Embed on token ids, or Linear on float features), blocks,
+    a Linear ``head``, and maybe a ``decoder`` Linear tied to the stem embedding's weight (after the
+    head, or instead of it where the blocks end with the embedding's width)."""
+
+    stem: Union[Embed, Linear]
+    blocks: tuple
+    head: Linear | None
+    decoder: Linear | None
+    n: int
+    t: int
+    batch_first: bool  # the stream layout: (N, T, C) or (T, N, C)
+    seed: int
+
+    @property
+    def out_shape(self) -> tuple:
+        last = self.decoder or self.head
+        return ((self.n, self.t) if self.batch_first else (self.t, self.n)) + (last.fout,)
+
+    def input(self, which: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 7 + 1 + which)
+        shape = (self.n, self.t) if self.batch_first else (self.t, self.n)
+        if isinstance(self.stem, Embed):
+            return torch.randint(0, self.stem.vocab, shape, generator=g)
+        return torch.randn(*shape, self.stem.fin, generator=g)
+
+    def build(self) -> tuple[nn.Module, torch.Tensor]:
+        """The model (eval mode; every bias and attention parameter drawn non-zero) and its input."""
+        specs = (self.stem,) + self.blocks + tuple(s for s in (self.head, self.decoder) if s is not None)
+        tie = (self.stem.name, self.decoder.name) if self.decoder else None
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = SeqNet(specs, self.batch_first, tie)
+        g = torch.Generator().manual_seed(self.seed + 12345)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "bias" in name or isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        return model.eval(), self.input(0)
+
+
+def _attention(b: _Builder, w: int, batch_first: bool, heads: int) -> Attention:
+    """Self-attention over ``w`` features with ``heads`` heads; sometimes separate key/value widths."""
+    key = value = None
+    if b.flag(0.25):
+        key = Linear(b.name("key"), w, b.ints(2, 8), b.flag(0.8))
+    if b.flag(0.25):
+        value = Linear(b.name("value"), w, b.ints(2, 8), b.flag(0.8))
+    return Attention(b.name("attn"), w, heads, batch_first, b.flag(0.8), b.flag(0.3), b.flag(0.3), key, value)
+
+
+def _head_counts(w: int) -> list[int]:
+    """Head counts giving a head_dim of 2..4 for ``w`` features."""
+    return [w // d for d in (2, 3, 4) if w % d == 0]
+
+
+def _seq_block(b: _Builder, w: int, batch_first: bool) -> tuple[list, int]:
+    kind = b.pick(("recurrent", "attention", "linear", "residual"))
+    if kind == "recurrent":
+        mode = b.pick(RNN_MODES + ("LSTM",))  # LSTMs twice as often: they alone have projections
+        hidden = b.ints(2, 8)
+        layers = b.ints(1, 3)
+        proj = b.ints(1, hidden - 1) if mode == "LSTM" and b.flag(0.5) else 0
+        dropout = 0.25 if layers > 1 and b.flag(0.3) else 0.0
+        rnn = Recurrent(b.name(mode.lower()[:4]), mode, w, hidden, layers, b.flag(), b.flag(), b.flag(0.8), proj, dropout)
+        return [rnn], rnn.fout
+    if kind == "linear":
+        fc = Linear(b.name("fc"), w, b.ints(4, 12), b.flag(0.8))
+        return [fc] + ([b.act(("relu",), inplace=True)] if b.flag(0.7) else []), fc.fout
+    specs = []
+    if kind == "attention" or b.flag():  # attention, maybe inside a residual
+        if not _head_counts(w) or (kind == "attention" and b.flag(0.3)):  # project to a width with heads
+            fc = Linear(b.name("fc"), w, b.ints(4, 12), b.flag(0.8))
+            specs.append(fc)
+            w = fc.fout
+            while not _head_counts(w):
+                specs[-1] = fc = Linear(fc.name, fc.fin, fc.fout + 1, fc.bias)
+                w = fc.fout
+        body = [_attention(b, w, batch_first, b.pick(_head_counts(w)))]
+    else:
+        body = [Linear(b.name("fc"), w, w, b.flag(0.8))] + ([b.act(("relu",), inplace=True)] if b.flag(0.5) else [])
+    if kind == "attention":
+        return specs + body, w
+    return specs + [Residual(tuple(body), (), b.flag())], w
+
+
+@st.composite
+def sequence_specs(draw, max_blocks: int = 3) -> SeqSpec:
+    """A random tiny sequence model (see :class:`SeqSpec`): features 4-12, sequence length 3-5,
+    batch 2; recurrent layers of every mode (1-3 layers, bidirectional, batch_first, bias,
+    proj_size, dropout), self-attention with 2-4 features per head, Linear(+ReLU) blocks and
+    residual adds around attention or Linear blocks."""
+    b = _Builder(draw, 2)
+    batch_first = b.flag()
+    t = b.ints(3, 5)
+    b.prefix = "stem." if b.flag(0.3) else ""
+    dim = b.ints(4, 12)
+    if b.flag(0.7):
+        stem = Embed(b.name("emb"), b.ints(5, 12), dim)
+    else:
+        stem = Linear(b.name("inp"), b.ints(1, 6), dim, b.flag(0.8))
+    w, blocks = dim, []
+    for i in range(b.ints(1, max_blocks)):
+        b.prefix = f"s{i}." if b.flag(0.4) else ""
+        specs, w = _seq_block(b, w, batch_first)
+        blocks += specs
+    b.prefix = "head." if b.flag(0.3) else ""
+    decoder = None
+    if isinstance(stem, Embed) and b.flag(0.4):
+        head = Linear(b.name("fc"), w, dim, b.flag(0.8)) if w != dim or b.flag() else None
+        decoder = Linear(b.name("decoder"), dim, stem.vocab, b.flag(0.8))
+    else:
+        head = Linear(b.name("fc"), w, b.ints(1, 6), b.flag(0.8))
+    return SeqSpec(stem, tuple(blocks), head, decoder, 2, t, batch_first, draw(st.integers(0, 2**31 - 1)))
