@@ -95,7 +95,7 @@ def _mask_inside(gm, target: str, node, plan: Plan, zeroed: torch.Tensor, produc
         local = moved.get(local, local)
         seen.add((local, m.dim))
         atoms = m.atoms[plan.kept(m.atoms)] if compacted else m.atoms
-        keep = ~torch.where(atoms >= 0, own[atoms.clamp(min=0)], False)
+        keep = _not_in(atoms, own)
         if bool(keep.all()):
             continue
         if local not in names:
@@ -109,10 +109,15 @@ def _mask_inside(gm, target: str, node, plan: Plan, zeroed: torch.Tensor, produc
         if not isinstance(labels, torch.Tensor):
             return labels
         labels = plan.surviving(labels) if compacted else compress(labels)  # broadcasts over any length
-        return (~torch.where(labels >= 0, own[labels.clamp(min=0)], False)).float()
+        return _not_in(labels, own).float()
 
     outputs = tree_map(output_mask, plan.analysis.labels[node.name])
     gm.set_submodule(target, MaskedModule(module, param_masks, outputs).train(module.training))
+
+
+def _not_in(labels: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """Where ``labels`` hold no atom that ``atoms`` (a bool per atom) marks."""
+    return ~torch.where(labels >= 0, atoms[labels.clamp(min=0)], False)
 
 
 def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
