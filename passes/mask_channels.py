@@ -19,6 +19,7 @@ from fxprune.labels import compress
 from fxprune.masks import Plan
 from fxprune.modules.masked import MaskedModule
 from fxprune.modules.recurrent import RecurrentStack, renamed
+from fxprune.rules.registry import element_read
 from fxprune.trace import ALWAYS_LEAF
 
 
@@ -106,12 +107,16 @@ def _mask_inside(gm, target: str, node, plan: Plan, zeroed: torch.Tensor, produc
         param_masks[local] = param_masks[local] * mask if local in param_masks else mask
 
     def output_mask(labels: Any) -> Any:
-        if not isinstance(labels, torch.Tensor):
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0:
             return labels
         labels = plan.surviving(labels) if compacted else compress(labels)  # broadcasts over any length
         return _not_in(labels, own).float()
 
-    outputs = tree_map(output_mask, plan.analysis.labels[node.name])
+    labels = plan.analysis.labels[node.name]
+    if compacted and isinstance(labels, tuple):  # an unread state of a compacted RNN may have any width
+        unmasked = lambda t: torch.ones(()) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        labels = tuple(v if element_read(node, i) else tree_map(unmasked, v) for i, v in enumerate(labels))
+    outputs = tree_map(output_mask, labels)
     gm.set_submodule(target, MaskedModule(module, param_masks, outputs).train(module.training))
 
 

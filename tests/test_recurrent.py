@@ -914,3 +914,27 @@ def test_user_model_is_untouched(make, inputs, training):
     with torch.no_grad():
         for got, want in zip(outputs(model.eval()(x)), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _ResidualOverLSTM(nn.Module):
+    """y + fc(y) after a two-layer bidirectional LSTM: the last layer's units join fc's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc, self.head = nn.LSTM(4, 3, num_layers=2, bidirectional=True), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y + self.fc(y))
+
+
+def test_unit_zeroed_inside_a_compacted_lstm_whose_unread_states_keep_other_indices():
+    """Regression: the layers keep the same number of units but not the same ones, so the unread
+    h_n has no dense form; zeroing a kept unit inside the compacted nn.LSTM built its h_n mask from
+    that form and failed to broadcast."""
+    torch.manual_seed(0)
+    model, x = _ResidualOverLSTM().eval(), torch.randn(5, 2, 4)
+    masks = {"rnn.hidden_l0": mask_with(3, [0, 1]), "rnn.hidden_l0_reverse": mask_with(3, [1, 2]),
+             "fc": torch.tensor([1, 1, 0, 0, 1, 1], dtype=torch.bool), "rnn.hidden_l1": mask_with(3, [0])}
+    small, _ = check_exact(model, x, masks)
+    assert small.get_submodule("rnn").module.hidden_size == 2
