@@ -27,10 +27,9 @@ from tqdm import tqdm
 import fxprune
 from fxprune import data
 
-from common import latencies, ms, ratio, seed_everything, table  # examples/common.py
+from common import TOLERANCE, finish, latencies, ms, parse, pruning_arguments, ratio, seed_everything, table  # examples/common.py
 
 Masks = dict[str, torch.Tensor]
-TOLERANCE = 1e-4  # largest allowed |apply_masks - compact|, relative to the largest logit
 
 
 # --------------------------------------------------------------------------- model
@@ -262,16 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per training step (default 32)")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3; fine-tuning uses a third)")
-    parser.add_argument("--keep", type=float, default=0.5, help="fraction of each LSTM layer's hidden units to keep")
+    pruning_arguments(parser, "fraction of each LSTM layer's hidden units to keep")
     parser.add_argument("--finetune", type=int, default=100, help="steps to fine-tune the compact model (0: none)")
     parser.add_argument("--sample", type=int, default=200, help="characters of generated text to show (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: stable timings, and faster training, on a shared machine)")
-    args = parser.parse_args(argv)
-    if not 0 < args.keep <= 1:
-        parser.error(f"--keep must be in (0, 1], got {args.keep}")
-    torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
 
     start = time.perf_counter()
     corpus = data.char_corpus(path=args.text, seq_len=args.seq_len, max_chars=args.max_chars)
@@ -287,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, model in [("original", result.model), (pruned, result.compact)]:
             print(f"\nsample from the {name} model:\n"
                   + sample(model, corpus, prompt, args.sample, context=args.seq_len, seed=args.seed))
-    print(f"\ntotal time {time.perf_counter() - start:.1f} s")
-    if not result.error < TOLERANCE:
-        print(f"FAILED: compact model differs from apply_masks by {result.error:.2e} (relative)", file=sys.stderr)
-        return 1
-    return 0
+    return finish(start, result.error)
 
 
 if __name__ == "__main__":

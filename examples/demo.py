@@ -23,10 +23,11 @@ from tqdm import tqdm
 import fxprune
 from fxprune import data
 
-from common import latencies, max_relative_error, ms, ratio, seed_everything, table  # examples/common.py
+from common import (  # examples/common.py
+    TOLERANCE, finish, latencies, max_relative_error, ms, parse, pruning_arguments, ratio, seed_everything, table,
+)
 
 Masks = dict[str, torch.Tensor]
-TOLERANCE = 1e-4  # largest allowed |apply_masks - compact|, relative to the largest output
 
 
 # --------------------------------------------------------------------------- model
@@ -219,15 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["mnist1d", "digits"], default="mnist1d")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    parser.add_argument("--keep", type=float, default=0.5, help="fraction of each prunable group to keep")
+    pruning_arguments(parser, "fraction of each prunable group to keep")
     parser.add_argument("--finetune", type=int, default=3, help="epochs to fine-tune the compact model (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: stable timings on a shared machine)")
-    args = parser.parse_args(argv)
-    if not 0 < args.keep <= 1:
-        parser.error(f"--keep must be in (0, 1], got {args.keep}")
-    torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
 
     start = time.perf_counter()
     result = run(load_task(args.dataset), args.epochs, args.keep, args.seed, args.finetune)
@@ -236,11 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npruned {len(result.masks)} prunable groups by filter magnitude, kept {kept}/{total} channels "
           f"(--keep {args.keep}); {torch.get_num_threads()} CPU threads\n")
     print(table(result.rows, ["", "original", "compact", "ratio"]))
-    print(f"\ntotal time {time.perf_counter() - start:.1f} s")
-    if not result.error < TOLERANCE:
-        print(f"FAILED: compact model differs from apply_masks by {result.error:.2e} (relative)", file=sys.stderr)
-        return 1
-    return 0
+    return finish(start, result.error)
 
 
 if __name__ == "__main__":
