@@ -17,7 +17,7 @@ from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_
 from .trace import trace
 
 OUTPUT_REASON = "reaches the model output"
-GRID_LIMIT = 1 << 22  # entries of a tensor used directly with several dims that get their own atoms
+GRID_LIMIT = 1 << 20  # entries of a tensor used directly with several dims that get their own atoms
 CONSTANT_FILLS = (torch.zeros, torch.ones, torch.full, torch.empty)
 GRID_RULES = (rules.arithmetic.arithmetic, rules.concat.cat)  # the uses that couple such entries one to one
 INPUT_REASON = "comes from the model input"
