@@ -12,7 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import rules  # noqa: F401  (registers the channel rules)
-from .labels import NONE, LabelSpace, Member, Producer, compress
+from .labels import LabelSpace, Member, Producer, compress, no_channels
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
 from .trace import trace
 
@@ -140,7 +140,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
         if not value.is_floating_point():
             return self.space.fixed(value.shape, f"tensor '{n.target}' holds integers (indices, not channels)")
         if not dims:
-            return torch.full((1,) * value.dim(), NONE, dtype=torch.long).expand(value.shape)
+            return no_channels(value.shape)
         if len(dims) > 1:
             if value.numel() > GRID_LIMIT or not all(find_rule(u, self.module) in GRID_RULES for u in n.users):
                 return self.space.fixed(value.shape, f"tensor '{n.target}' is used directly with several dims")

@@ -188,6 +188,11 @@ def atoms_in(labels: torch.Tensor) -> list[int]:
     return unique[unique >= 0].tolist()
 
 
+def no_channels(shape: torch.Size) -> torch.Tensor:
+    """Labels of ``shape`` whose elements belong to no channel."""
+    return torch.full((1,) * len(shape), NONE, dtype=torch.long).expand(shape)
+
+
 def along(atoms: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     """Labels of ``shape`` that carry ``atoms`` along ``dim`` and are constant elsewhere."""
     view = [1] * len(shape)

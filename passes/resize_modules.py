@@ -9,8 +9,7 @@ from torch import nn
 
 from fxprune.errors import CompactError
 from fxprune.modules.attention import PrunedMultiheadAttention
-from fxprune.modules.recurrent import RecurrentStack, widths, directions_of, parameters_of
-
+from fxprune.modules.recurrent import RecurrentStack, directions_of, parameters_of, widths
 from fxprune.rules.recurrent import states_used
 
 from .rewrite_shapes import Shapes
@@ -22,9 +21,8 @@ def resizer(*classes: type):
     """Register how a module class recomputes its attributes.
 
     A resizer gets the module, the module before compaction, the new shape of its input and its
-    node. It
-    updates the module in place, or returns a module to replace it where the module's class cannot
-    hold the new shapes.
+    node. It updates the module in place, or returns a module to replace it where the module's class
+    cannot hold the new shapes.
     """
 
     def register(fn):

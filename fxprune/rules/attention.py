@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..labels import NONE, along
+from ..labels import along, no_channels
 from ..modules.attention import PrunedMultiheadAttention
 from .registry import RuleContext, element_read, rule, tensors_in
 
@@ -52,7 +52,7 @@ def multihead_attention(ctx: RuleContext, query: torch.Tensor, key: torch.Tensor
     if average_attn_weights:
         if element_read(ctx.node, 1):
             space.block(heads, f"{ctx.where} returns attention weights averaged over its heads, and they are used")
-        return output, torch.full((1,) * len(weights_meta.shape), NONE).expand(weights_meta.shape)
+        return output, no_channels(weights_meta.shape)
     return output, along(heads, -3, weights_meta.shape)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..labels import NONE, along
+from ..labels import along, no_channels
 from ..modules.recurrent import GATES, RecurrentStack, directions_of
 from .registry import RuleContext, element_read, rule
 
@@ -57,8 +57,6 @@ def _state_labels(rows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
 def recurrent(ctx: RuleContext, x: torch.Tensor, hx=None) -> tuple:
     """out, h_n[, c_n] <- the stacked recurrence over x (see the module docstring)."""
     m, space, target = ctx.module, ctx.space, ctx.node.target
-    if not isinstance(x, torch.Tensor):
-        raise TypeError("PackedSequence inputs are not supported: pass the padded tensor")
     layers = directions_of(m)
     lstm = isinstance(layers[0][0][1], nn.LSTM)
     layer_in, input_role = space.per_index(x, -1), "in"
@@ -99,7 +97,7 @@ def recurrent(ctx: RuleContext, x: torch.Tensor, hx=None) -> tuple:
 
 def _not_channels(meta):
     if hasattr(meta, "shape"):
-        return torch.full((1,) * len(meta.shape), NONE).expand(meta.shape)
+        return no_channels(meta.shape)
     return tuple(_not_channels(m) for m in meta)
 
 
