@@ -2,10 +2,15 @@
 from .analysis import Analysis, ChannelGroup, GroupMember, analyze
 from .compact import apply_masks, compact
 from .cost import Cost, cost
-from .errors import CompactError, FxpruneError, MaskError, TraceError
+from .errors import CheckpointError, CompactError, ExportError, FxpruneError, GrowError, MaskError, TraceError
+from .grow import grow
+from .layers import Layer
+from .mapping import Mapping, TensorMap
+from .optim import remap_optimizer
 from .trace import trace
 
 __all__ = [
-    "Analysis", "ChannelGroup", "CompactError", "Cost", "FxpruneError", "GroupMember", "MaskError",
-    "TraceError", "analyze", "apply_masks", "compact", "cost", "trace",
+    "Analysis", "ChannelGroup", "CheckpointError", "CompactError", "Cost", "ExportError", "FxpruneError",
+    "GroupMember", "GrowError", "Layer", "Mapping", "MaskError", "TensorMap", "TraceError", "analyze",
+    "apply_masks", "compact", "cost", "grow", "remap_optimizer", "trace",
 ]

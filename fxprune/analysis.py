@@ -12,6 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import rules  # noqa: F401  (registers the channel rules)
+from .layers import Layer, find_layers
 from .labels import LabelSpace, Member, Producer, compress, no_channels
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
 from .trace import trace
@@ -68,7 +69,7 @@ class Analysis:
     labels: dict[str, Any]
     roots: torch.Tensor
     unit_of: dict[int, tuple[int, int]]
-    layers: list = field(default_factory=list)
+    layers: list[Layer] = field(default_factory=list)  # removable residual branches
     tainted: set[str] = field(default_factory=set)  # nodes where a masked channel may be non-zero
     group_of: torch.Tensor | None = None  # per root: its group's index, or -1
     unit_in: torch.Tensor | None = None  # per root: its unit's index in the group, or -1
@@ -78,6 +79,13 @@ class Analysis:
         for g in self.groups:
             if g.name == name:
                 return g
+        raise KeyError(name)
+
+    def layer(self, name: str) -> Layer:
+        """The removable layer called ``name``."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
         raise KeyError(name)
 
     def __str__(self) -> str:
@@ -171,7 +179,21 @@ def analyze(
     labels = {n.name: compressed(v) for n, v in interpreter.env.items()}
     analysis = _build(gm, space, labels)
     analysis.tainted = interpreter.tainted
+    analysis.layers = _layers(analysis)
     return analysis
+
+
+def _layers(analysis: Analysis) -> list[Layer]:
+    """The removable layers, each with the groups whose producers all lie inside it."""
+    taken = {g.name for g in analysis.groups} | {p.name for p in analysis.space.producers}
+    layers = find_layers(analysis.gm, taken)
+    nodes: list[set[str]] = [set() for _ in analysis.groups]
+    for p in analysis.space.producers:
+        nodes[int(analysis.group_of[analysis.roots[p.atoms[0]]])].add(p.node)
+    for layer in layers:
+        inside = set(layer.nodes)
+        layer.groups = [g.name for g, where in zip(analysis.groups, nodes) if where and where <= inside]
+    return layers
 
 
 def tensor_aliases(module: nn.Module) -> dict[str, str]:

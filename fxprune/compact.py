@@ -12,12 +12,14 @@ from torch.utils._pytree import tree_flatten
 
 from fxprune.passes.fold_constants import consumer_inputs, dropped_inputs, fold_constants, plan_folds
 from fxprune.passes.mask_channels import mask_channels
+from fxprune.passes.remove_layers import remove_layers, zero_layers
 from fxprune.passes.resize_modules import resize_modules
 from fxprune.passes.rewrite_shapes import Shapes, rewrite_shapes
 from fxprune.passes.slice_parameters import slice_parameters
 
 from .analysis import Analysis, analyze
 from .errors import CompactError, MaskError, TraceError
+from .mapping import Mapping, compact_mapping
 from .masks import Masks, Plan, resolve
 from .trace import as_tuple, propagate_shapes
 
@@ -33,20 +35,23 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def apply_masks(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analysis | None = None) -> torch.fx.GraphModule:
     """A copy of ``model``, shapes unchanged, in which every masked channel is exactly zero where it
-    leaves its producer (after a BatchNorm that directly follows it). ``model`` is not changed."""
+    leaves its producer (after a BatchNorm that directly follows it), and the output of every
+    removed layer is multiplied by 0. ``model`` is not changed."""
     analysis = _analysis(model, example_inputs, analysis)
     plan = resolve(analysis, masks, exact=False)  # zeroing is well defined even where removal is not exact
     gm = _copy(analysis.gm)
+    zero_layers(gm, plan.removed_layers)
     mask_channels(gm, plan)
     return gm
 
 
 def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analysis | None = None,
-            exact: bool = True) -> torch.fx.GraphModule:
+            exact: bool = True, return_mapping: bool = False) -> torch.fx.GraphModule | tuple[torch.fx.GraphModule, Mapping]:
     """A new, dense ``GraphModule`` without the masked channels, equal to ``apply_masks``.
 
     ``masks`` maps a group name, or a producing module's qualified name, to a 1-D bool tensor
-    (True keeps). A removed channel that still carries a constant is folded into its consumer's
+    (True keeps), and a removable layer's name (``analysis.layers``) to False to remove it: the
+    residual branch goes and its block computes y = x. A removed channel that still carries a constant is folded into its consumer's
     bias; one that carries anything else is kept (zeroed) and reported. Folding uses eval-mode
     values. The adjustments are in ``result.meta["fxprune_report"]``. ``model`` is not changed.
 
@@ -54,6 +59,10 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
     channels then normalises over the kept ones, as other pruning tools do); the largest deviation
     from ``apply_masks`` on ``example_inputs`` is then measured, warned about and stored in
     ``result.meta["fxprune_deviation"]``.
+
+    ``return_mapping=True`` returns ``(result, mapping)``: for every parameter and buffer of the
+    result, the tensor of ``model`` it comes from and which of its indices it keeps
+    (:class:`~fxprune.mapping.TensorMap`); :func:`~fxprune.optim.remap_optimizer` uses it.
     """
     analysis = _analysis(model, example_inputs, analysis)
     plan = resolve(analysis, masks, exact=exact)
@@ -69,18 +78,20 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
             warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
                 str(a) for a in report if a.action == "kept"), stacklevel=2)
     gm = slice_parameters(analysis.gm, plan)
+    remove_layers(gm, plan.removed_layers)
     fold_constants(gm, folds, plan)
-    resize_modules(gm, analysis.gm, Shapes(plan))
-    rewrite_shapes(gm, plan)
+    shapes = Shapes.of_plan(plan)
+    resize_modules(gm, analysis.gm, shapes)
+    rewrite_shapes(gm, shapes)
     mask_channels(gm, plan, compacted=True)
-    _verify(gm, plan, example_inputs)
+    verify_shapes(gm, shapes, example_inputs)
     gm.meta["fxprune_report"] = report
     approximate = [g.name for g, keep in zip(analysis.groups, plan.keep_unit) if not g.exact and not bool(keep.all())]
     if approximate:
         gm.meta["fxprune_deviation"] = deviation = _deviation(gm, apply_masks(model, masks, example_inputs, analysis), example_inputs)
         warnings.warn(f"compact(exact=False) pruned groups that are not exactly prunable ({', '.join(approximate)}): "
                       f"the largest deviation from apply_masks on example_inputs is {deviation:.3g}", stacklevel=2)
-    return gm
+    return (gm, compact_mapping(gm, plan)) if return_mapping else gm
 
 
 def _exact_only(plan: Plan, lost: list) -> list:
@@ -108,11 +119,13 @@ def _check_not_emptied(plan: Plan) -> None:
     """A tensor left without any channel (a split piece whose channels are all masked) has no
     dense form: say which node, rather than emit a graph that cannot run."""
     for p in plan.analysis.space.producers:  # units inside a module (an RNN direction, attention heads)
-        if not bool(plan.keep_atom[p.atoms].any()):
+        if p.node not in plan.removed_nodes and not bool(plan.keep_atom[p.atoms].any()):
             raise MaskError(f"the masks remove every channel of '{p.name}' (node '{p.node}'); keep at least one there")
-    shapes = Shapes(plan)
+    shapes = Shapes.of_plan(plan)
     for node in plan.analysis.gm.graph.nodes:
         labels = plan.analysis.labels.get(node.name)
+        if node.name in plan.removed_nodes:
+            continue
         if isinstance(labels, torch.Tensor) and labels.numel() and 0 in shapes.new_shape(node):
             raise MaskError(
                 f"the masks remove every channel of node '{node.name}' ({node.format_node()}); "
@@ -120,20 +133,19 @@ def _check_not_emptied(plan: Plan) -> None:
             )
 
 
-def _verify(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any) -> None:
-    """Check that every node of the compact graph has the shape the plan predicts."""
+def verify_shapes(gm: torch.fx.GraphModule, shapes: Shapes, example_inputs: Any) -> None:
+    """Check that every used node of the rewritten graph ``gm`` has the shape ``shapes`` predicts."""
     try:
         propagate_shapes(gm, example_inputs, owned=True)
     except TraceError as e:
-        raise CompactError(f"the compacted graph does not run: {e}") from e
-    shapes = Shapes(plan)
+        raise CompactError(f"the rewritten graph does not run: {e}") from e
     for node in gm.graph.nodes:
-        labels = plan.analysis.labels.get(node.name)
+        labels = shapes.labels(node)
         meta = node.meta.get("tensor_meta")
         if isinstance(labels, torch.Tensor) and hasattr(meta, "shape") and node.users:  # unused: any shape
             expected = shapes.new_shape(node)
             if list(meta.shape) != expected:
                 raise CompactError(
                     f"node '{node.name}' ({node.format_node()}) has shape {list(meta.shape)} after "
-                    f"compaction; expected {expected}"
+                    f"rewriting; expected {expected}"
                 )

@@ -15,3 +15,17 @@ class MaskError(FxpruneError, ValueError):
 
 class CompactError(FxpruneError):
     """A graph could not be rewritten; the message names the node at fault."""
+
+
+class ExportError(FxpruneError):
+    """A model could not be exported, or its export disagrees with PyTorch; the message names the
+    output, operator or engine step at fault."""
+
+
+class CheckpointError(FxpruneError):
+    """A model cannot be saved, or a file cannot be loaded, as an fxprune checkpoint; the message
+    names the file, node or module at fault."""
+
+
+class GrowError(FxpruneError):
+    """A growth request that cannot be carried out as asked."""

@@ -57,8 +57,10 @@ class Member:
     ``atoms[i]`` is the atom of index ``i`` along ``dim`` of the tensor ``owner`` (a qualified
     parameter or buffer name), or NONE when that index is not a channel. ``role`` is "out" for a
     producer's output channels, "in" for a consumer's input channels (read from argument
-    ``input_arg`` of the node, along ``input_dim``) and "channel" for per-channel state
-    (normalisation parameters, running statistics, a module's internal units).
+    ``input_arg`` of the node, along ``input_dim``), "read" for the weights through which a module
+    reads its own units (an RNN's recurrent and next-layer columns, an attention's output
+    projection columns) and "channel" for per-channel state (normalisation parameters, running
+    statistics, a depthwise filter).
     """
 
     owner: str

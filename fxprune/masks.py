@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .analysis import Analysis, ChannelGroup
 from .errors import MaskError
 from .labels import Producer, compress
+from .layers import Layer
 
-Masks = Mapping[str, torch.Tensor]
+Masks = Mapping[str, "torch.Tensor | bool"]
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Plan:
     keep_unit: list[torch.Tensor]
     keep_atom: torch.Tensor
     producer_masks: dict[tuple[str, str], tuple[Producer, torch.Tensor]]  # by (node, producer name)
+    removed_layers: list[Layer] = field(default_factory=list)
+    removed_nodes: set[str] = field(default_factory=set)  # the nodes of the removed layers
 
     def kept(self, labels: torch.Tensor) -> torch.Tensor:
         """Whether each position of a label tensor survives."""
@@ -55,6 +58,8 @@ class Plan:
 def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset(), exact: bool = True) -> Plan:
     """Check ``masks`` and turn them into a :class:`Plan`. Raises :class:`MaskError` naming the key.
 
+    A key may name a removable layer (``analysis.layers``) with False to remove it. A group that the
+    masks empty and that lives inside a removable layer removes the innermost such layer instead.
     ``force_keep`` lists unit roots that must stay whatever the masks say. ``exact=False`` also
     accepts masks on groups that are prunable only approximately (normalised across channels).
     """
@@ -64,7 +69,13 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
     heard = [torch.zeros(g.size, dtype=torch.bool) for g in analysis.groups]  # some mask covers it
     own: dict[tuple[str, str], tuple[Producer, torch.Tensor]] = {}
     by_group: dict[int, torch.Tensor] = {}
+    layers = {layer.name: layer for layer in analysis.layers}
+    removed = {}
     for key, mask in masks.items():
+        if key in layers:
+            if not _layer_flag(key, mask):
+                removed[key] = layers[key]
+            continue
         gi, g = groups.get(key, (None, None))
         plist = producers.get(key, [])
         mask = _check_tensor(key, mask)
@@ -84,19 +95,40 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
         else:
             raise MaskError(_bad_key(key, mask, g, plist, groups, producers))
     keep_unit = [v | ~h for v, h in zip(votes, heard)]
+    for g, keep in zip(analysis.groups, keep_unit):
+        if not keep.any():
+            layer = _innermost(analysis.layers, g.name)
+            if layer is None:
+                raise MaskError(
+                    f"mask for group '{g.name}' removes every channel, and the group lives in no "
+                    "removable layer; keep at least one channel")
+            removed.setdefault(layer.name, layer)
+    inside = {name for layer in removed.values() for name in layer.groups}
+    keep_unit = [torch.ones_like(k) if g.name in inside else k for g, k in zip(analysis.groups, keep_unit)]
     masked_atom = _keep_atoms(analysis, keep_unit)
     keep_unit = [k.clone() for k in keep_unit]
     for root in force_keep:
         gi, ui = analysis.unit_of[root]
         keep_unit[gi][ui] = True
-    for gi, keep in enumerate(keep_unit):
-        if not keep.any():
-            raise MaskError(
-                f"mask for group '{analysis.groups[gi].name}' removes every channel; removing a "
-                "whole group is layer removal, not channel pruning"
-            )
     keep_atom = _keep_atoms(analysis, keep_unit)
-    return Plan(analysis, keep_unit, keep_atom, _producer_masks(analysis, masked_atom, own, by_group))
+    removed_nodes = {n for layer in removed.values() for n in (*layer.nodes, layer.add)}
+    return Plan(analysis, keep_unit, keep_atom, _producer_masks(analysis, masked_atom, own, by_group, removed_nodes),
+                list(removed.values()), removed_nodes)
+
+
+def _layer_flag(key: str, mask) -> bool:
+    """A layer's mask: True keeps it, False removes it."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.numel() == 1:
+        return bool(mask)
+    if isinstance(mask, bool):
+        return mask
+    raise MaskError(f"mask '{key}' names a removable layer: give True (keep) or False (remove), got {mask!r}")
+
+
+def _innermost(layers: list[Layer], group: str) -> Layer | None:
+    """The smallest removable layer that holds every producer of ``group``."""
+    holding = [layer for layer in layers if group in layer.groups]
+    return min(holding, key=lambda layer: len(layer.nodes), default=None)
 
 
 def _producers_by_name(analysis: Analysis) -> dict[str, list[Producer]]:
@@ -148,10 +180,13 @@ def _units_of(analysis: Analysis, atoms: torch.Tensor) -> tuple[int, torch.Tenso
     return int(analysis.group_of[roots[0]]), analysis.unit_in[roots]
 
 
-def _producer_masks(analysis, masked_atom, own, by_group) -> dict:
-    """Each producer's own channel mask, for the producers that zero some channel."""
+def _producer_masks(analysis, masked_atom, own, by_group, removed_nodes) -> dict:
+    """Each producer's own channel mask, for the producers that zero some channel (outside the
+    removed layers)."""
     out = {}
     for p in analysis.space.producers:
+        if p.node in removed_nodes:
+            continue
         gi, units = _units_of(analysis, p.atoms)
         if (p.node, p.name) in own:
             mask = own[(p.node, p.name)][1]

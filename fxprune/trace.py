@@ -98,8 +98,20 @@ def trace(
         if node.op == "call_function" and node.target in PACKING:
             raise TraceError(f"node '{node.name}' calls {node.target.__name__}. {PACKED_HINT}")
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if isinstance(model, torch.fx.GraphModule):
+        _keep_module_stacks(model.graph, graph)
     propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _keep_module_stacks(before: torch.fx.Graph, after: torch.fx.Graph) -> None:
+    """Re-tracing a GraphModule forgets which module each node was computed in (layer names come
+    from it): copy the record over where the two graphs hold the same nodes."""
+    pairs = list(zip(before.nodes, after.nodes))
+    if len(before.nodes) == len(after.nodes) and all((a.op, a.target) == (b.op, b.target) for a, b in pairs):
+        for a, b in pairs:
+            if "nn_module_stack" in a.meta:
+                b.meta["nn_module_stack"] = a.meta["nn_module_stack"]
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def dropped_inputs(plan: Plan) -> list[tuple[Any, torch.Tensor]]:
     analysis, out = plan.analysis, []
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for m in analysis.space.members:
-        if m.role == "in" and getattr(_input(nodes[m.node], m.input_arg), "name", None) in analysis.tainted:
+        if m.role == "in" and m.node not in plan.removed_nodes and getattr(_input(nodes[m.node], m.input_arg), "name", None) in analysis.tainted:
             lost = ((m.atoms >= 0) & ~plan.kept(m.atoms)).nonzero().flatten()
             if len(lost):
                 out.append((m, lost))

@@ -13,7 +13,6 @@ import torch.fx
 from torch import nn
 
 from fxprune.errors import CompactError
-from fxprune.labels import compress
 from fxprune.masks import Plan
 
 Rewrite = Callable[[torch.fx.Node, "Shapes"], None]
@@ -21,22 +20,43 @@ REWRITES: dict[object, Rewrite] = {}
 
 
 class Shapes:
-    """Old and new sizes of every node, from the analysis' labels and the plan."""
+    """Old and new sizes of every node: for each dim of a node's output, the old index of each new
+    index, or -1 for a new one. Compaction keeps a subset of the indices (:meth:`of_plan`); growth
+    adds new ones."""
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, labels: dict, index_along: Callable[[torch.Tensor, int], torch.Tensor]):
+        self._labels, self._index_along = labels, index_along
+
+    @classmethod
+    def of_plan(cls, plan: Plan) -> Shapes:
+        """The sizes after compaction under ``plan``."""
+        return cls(plan.analysis.labels, lambda labels, dim: plan.kept_along(labels, dim).nonzero().flatten())
 
     def labels(self, node: torch.fx.Node):
         """The analysis' labels of ``node``'s output (None for a node added since)."""
-        return self.plan.analysis.labels.get(node.name)
+        return self._labels.get(node.name)
 
-    def kept(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
-        """Which indices along ``dim`` of ``node``'s output survive."""
-        return self.plan.kept_along(self.plan.analysis.labels[node.name], dim)
+    def index(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
+        """The old index of each new index along ``dim`` of ``node``'s output (-1: new)."""
+        return self._index_along(self._labels[node.name], dim)
+
+    def anchors(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
+        """For each new index, the old index it is or follows: a bound b (old) becomes the number
+        of anchors below b."""
+        index = self.index(node, dim)
+        return torch.cummax(index, 0).values if len(index) else index
 
     def new_shape(self, node: torch.fx.Node) -> list[int]:
-        labels = self.plan.analysis.labels[node.name]
-        return [int(self.kept(node, d).sum()) for d in range(labels.dim())]
+        return [len(self.index(node, d)) for d in range(self._labels[node.name].dim())]
+
+    def changes(self, node: torch.fx.Node) -> bool:
+        """Whether ``node``'s output, or one of its inputs, changes size."""
+        return any(isinstance(self._labels.get(n.name), torch.Tensor) and self._changed(n)
+                   for n in [node, *node.all_input_nodes])
+
+    def _changed(self, node: torch.fx.Node) -> bool:
+        labels = self._labels[node.name]
+        return any(not torch.equal(self.index(node, d), torch.arange(labels.shape[d])) for d in range(labels.dim()))
 
 
 def rewrite(*targets: object):
@@ -85,12 +105,12 @@ def _unflatten(node: torch.fx.Node, shapes: Shapes) -> None:
 def _split(node: torch.fx.Node, shapes: Shapes) -> None:
     x, size, *rest = node.args
     dim = node.kwargs.get("dim", rest[0] if rest else 0)
-    kept = shapes.kept(x, dim)
-    n = len(kept)
+    anchors = shapes.anchors(x, dim)
+    n = x.meta["tensor_meta"].shape[dim]
     if node.target in ("chunk", torch.chunk):
         size = -(-n // size)
     bounds = list(range(0, n, size)) + [n] if isinstance(size, int) else [sum(size[:i]) for i in range(len(size) + 1)]
-    sections = [int(kept[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
+    sections = [int(((anchors >= a) & (anchors < b)).sum()) for a, b in zip(bounds, bounds[1:])]
     node.target = "split" if node.op == "call_method" else torch.split
     node.args, node.kwargs = (x, sections, dim), {}
 
@@ -108,31 +128,31 @@ def _getitem(node: torch.fx.Node, shapes: Shapes) -> None:
         if e is Ellipsis:
             dim += ndim - consumed
         elif e is not None:
-            kept = shapes.kept(x, dim)
-            if not bool(kept.all()):  # where nothing is removed the index stays as written (-1 stays -1)
-                e = _over_kept(e, kept)
+            size = x.meta["tensor_meta"].shape[dim]
+            if not torch.equal(shapes.index(x, dim), torch.arange(size)):  # where nothing changes the index stays as written
+                e = _over_anchors(e, shapes.anchors(x, dim), size)
             dim += 1
         out.append(e)
     node.args = (x, tuple(out) if isinstance(index, tuple) else out[0])
 
 
-def _over_kept(entry, kept: torch.Tensor):
-    """An int or slice index along a dim, counted over the kept positions only."""
-    before = torch.cat([torch.zeros(1, dtype=torch.long), kept.cumsum(0)])
+def _over_anchors(entry, anchors: torch.Tensor, size: int):
+    """An int or slice index along a dim of ``size`` old indices, counted over the new ones."""
+    before = lambda i: int((anchors < i).sum())  # noqa: E731
     if isinstance(entry, int):
-        return int(before[entry % len(kept)])
+        return before(entry % size)
     if isinstance(entry, slice):
-        start, stop, _ = entry.indices(len(kept))
-        return slice(None if entry.start is None else int(before[start]),
-                     None if entry.stop is None else int(before[stop]), entry.step)
+        start, stop, _ = entry.indices(size)
+        return slice(None if entry.start is None else before(start), None if entry.stop is None else before(stop), entry.step)
     return entry
 
 
 @rewrite("narrow", torch.narrow)
 def _narrow(node: torch.fx.Node, shapes: Shapes) -> None:
     x, dim, start, length = node.args
-    kept = shapes.kept(x, dim)
-    node.args = (x, dim, int(kept[:start].sum()), int(kept[start:start + length].sum()))
+    anchors = shapes.anchors(x, dim)
+    first, end = int((anchors < start).sum()), int((anchors < start + length).sum())
+    node.args = (x, dim, first, end - first)
 
 
 def _unflatten_module(node: torch.fx.Node, shapes: Shapes, gm: torch.fx.GraphModule) -> None:
@@ -145,20 +165,20 @@ def _unflatten_module(node: torch.fx.Node, shapes: Shapes, gm: torch.fx.GraphMod
 MODULE_REWRITES = {nn.Unflatten: _unflatten_module}  # modules that hold literal sizes
 
 
-def rewrite_shapes(gm: torch.fx.GraphModule, plan: Plan) -> None:
-    """Rewrite the shape arguments of ``gm``'s nodes for the channels ``plan`` keeps, in place."""
-    shapes, changed = Shapes(plan), False
+def rewrite_shapes(gm: torch.fx.GraphModule, shapes: Shapes) -> None:
+    """Rewrite the shape arguments of ``gm``'s nodes for the new sizes ``shapes`` gives, in place."""
+    changed = False
     for node in gm.graph.nodes:
-        if node.name not in plan.analysis.labels:
+        if shapes.labels(node) is None:
             continue
         if node.op == "call_module" and type(gm.get_submodule(node.target)) in MODULE_REWRITES:
-            if _changes(node, shapes):
+            if shapes.changes(node):
                 MODULE_REWRITES[type(gm.get_submodule(node.target))](node, shapes, gm)
             continue
         if node.op not in ("call_function", "call_method"):
             continue
         fn = REWRITES.get(node.target)
-        if fn is not None and _changes(node, shapes):
+        if fn is not None and shapes.changes(node):
             changed = True
             try:
                 fn(node, shapes)
@@ -166,12 +186,3 @@ def rewrite_shapes(gm: torch.fx.GraphModule, plan: Plan) -> None:
                 raise CompactError(f"cannot rewrite the arguments of node '{node.name}' ({node.format_node()}): {e}") from e
     if changed:
         gm.recompile()
-
-
-def _changes(node: torch.fx.Node, shapes: Shapes) -> bool:
-    inputs = [a for a in node.all_input_nodes if a.name in shapes.plan.analysis.labels]
-    return any(
-        isinstance(shapes.plan.analysis.labels[n.name], torch.Tensor)
-        and not bool(shapes.plan.kept(compress(shapes.plan.analysis.labels[n.name])).all())
-        for n in [node, *inputs]
-    )

@@ -22,19 +22,30 @@ def kept_indices(plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
 
 
 def slice_parameters(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose parameters and buffers hold only the kept channels.
-
-    Every tensor of the copy is new storage; each is written once (sliced, or cloned if whole).
-    """
+    """A copy of ``gm`` whose parameters and buffers hold only the kept channels."""
     index = kept_indices(plan)
+
+    def sliced(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        if name not in index:
+            return None
+        for dim, idx in sorted(index[name].items()):
+            t = t.index_select(dim, idx)
+        return t
+
+    return replace_tensors(gm, sliced)
+
+
+def replace_tensors(gm: torch.fx.GraphModule, new_value) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose tensor ``name`` holds ``new_value(name, tensor)`` (None: a copy).
+
+    Every tensor of the copy is new storage, written once; a tensor with several names stays one.
+    """
     memo: dict[int, torch.Tensor] = {}
     named = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
     for name, t in named:
         if id(t) in memo:
             continue
-        new = t.detach()
-        for dim, idx in sorted(index.get(name, {}).items()):
-            new = new.index_select(dim, idx)
-        new = new.clone() if name not in index else new
+        new = new_value(name, t.detach())
+        new = t.detach().clone() if new is None else new
         memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
     return copy.deepcopy(gm, memo)

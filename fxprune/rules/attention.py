@@ -40,7 +40,7 @@ def multihead_attention(ctx: RuleContext, query: torch.Tensor, key: torch.Tensor
     for name in ("bias_k", "bias_v"):
         ctx.module_member(name, 2, rows, "out")
     out_weight = ctx.param_name("out_proj.weight")
-    ctx.member(out_weight, 1, rows, "channel")
+    ctx.member(out_weight, 1, rows, "read")
     features = ctx.channels(out_weight, m.out_proj.out_features, target)
     ctx.member(out_weight, 0, features, "out")
     if m.out_proj.bias is not None:

@@ -37,7 +37,7 @@ def _gate_rows(ctx: RuleContext, weight_ih: str, owner: str, hidden: torch.Tenso
     ctx.member(weight_ih, 0, rows, "out")
     ctx.member(weight_ih, 1, input_atoms, input_role, input_dim=-1)
     ctx.member(owner, 0, rows, "out")
-    ctx.member(owner, 1, recurrent_atoms, "channel")
+    ctx.member(owner, 1, recurrent_atoms, "read")
     for name in bias_names:
         ctx.member(name, 0, rows, "out")
 
@@ -72,13 +72,13 @@ def recurrent(ctx: RuleContext, x: torch.Tensor, hx=None) -> tuple:
             if module.proj_size:
                 out = ctx.channels(name("weight_hr"), module.proj_size, f"{target}.proj{unit}")
                 ctx.member(name("weight_hr"), 0, out, "out")
-                ctx.member(name("weight_hr"), 1, hidden, "channel")
+                ctx.member(name("weight_hr"), 1, hidden, "read")
             biases = [name("bias_ih"), name("bias_hh")] if module.bias else []
             _gate_rows(ctx, name("weight_ih"), owner, hidden, GATES[module.mode], layer_in, input_role, out, biases)
             layer_out.append(out)
             hidden_rows.append(hidden)
         outs.extend(layer_out)
-        layer_in, input_role = torch.cat(layer_out), "channel"
+        layer_in, input_role = torch.cat(layer_out), "read"
     out_meta, state_meta = ctx.node.meta["tensor_meta"]
     output = along(layer_in, -1, out_meta.shape)
     if isinstance(m, RecurrentStack):  # its states are zero-padded: not channels

@@ -1,0 +1,142 @@
+"""Removable layers: residual branches y = x + F(x) found in the graph.
+
+A branch is the set of nodes that lie between the skip input ``x`` and the add, used by nothing
+else, holding at least one parameter. Removing it leaves y = x, the function that
+``apply_masks`` gives when it multiplies F(x) by 0.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx
+
+ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
+
+
+@dataclass
+class Layer:
+    """A residual branch: ``add`` computes ``skip + branch_out`` and ``nodes`` compute ``branch_out``
+    from ``skip`` alone. ``groups`` are the channel groups that live only inside the branch."""
+
+    name: str
+    add: str
+    skip: str
+    branch_out: str
+    nodes: list[str]
+    modules: list[str]
+    groups: list[str]
+
+    def __repr__(self) -> str:
+        return f"Layer({self.name!r}, {len(self.nodes)} nodes, modules={self.modules})"
+
+
+def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list[Layer]:
+    """Every residual branch of ``gm``, in graph order, named after the module that holds it
+    (``taken``: names already used, such as group names)."""
+    graph = nx.DiGraph((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
+    graph.add_nodes_from(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    live = nx.ancestors(graph, output) | {output}
+    found = []
+    for add in gm.graph.nodes:
+        if not _is_add(add):
+            continue
+        x, y = add.args[:2]
+        for skip, out in ((x, y), (y, x)):
+            nodes = _branch(graph, order, live, add, skip, out)
+            if nodes and _has_parameters(gm, nodes):
+                found.append((add, skip, out, nodes))
+                break
+    blocks = [_block(add, nodes) for add, _, _, nodes in found]
+    used, layers = set(taken), []
+    for (add, skip, out, nodes), block in zip(found, blocks):
+        name = block or add.name
+        if block and blocks.count(block) > 1:  # a block with several branches (a transformer layer)
+            first = next(o for o in map(_owner, nodes) if o is not None and o != block)
+            name = f"{block}:{first[len(block) + 1:].split('.')[0]}"
+        layers.append(Layer(_unique(name, used), add.name, skip.name, out.name, [n.name for n in nodes],
+                            list(dict.fromkeys(n.target for n in nodes if n.op == "call_module")), []))
+    return layers
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method") or node.target not in ADDS or len(node.args) < 2:
+        return False
+    x, y = node.args[:2]
+    alpha = node.kwargs.get("alpha", 1)
+    return isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node) and x is not y and alpha == 1
+
+
+def _branch(graph: nx.DiGraph, order: dict, live: set, add: torch.fx.Node, skip: torch.fx.Node,
+            out: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes on the paths from ``skip`` to ``out``, with the constants only they use; [] unless
+    all of them serve only ``add`` and removing them leaves a tensor of the add's shape. Other
+    inputs (a decoder's memory) may enter the branch."""
+    shape = lambda n: getattr(n.meta.get("tensor_meta"), "shape", None)  # noqa: E731
+    if shape(skip) is None or shape(skip) != shape(add) or out is skip:
+        return []
+    upstream = nx.ancestors(graph, out)
+    if skip not in upstream:
+        return []
+    inside = (upstream & nx.descendants(graph, skip)) | {out}
+    for n in list(inside):  # unused results (an attention's weights) go with the branch
+        for u in n.users:
+            if u not in live:
+                inside |= {u} | (nx.descendants(graph, u) - live)
+    private = upstream - inside - {skip}
+    for n in sorted(private, key=order.get, reverse=True):  # users first: a chain of constants joins whole
+        if n.op != "placeholder" and all(u in inside for u in n.users):
+            inside.add(n)
+    if any(n.op == "output" or any(u not in inside and u is not add for u in n.users) for n in inside):
+        return []
+    return sorted(inside, key=order.get)
+
+
+def _has_parameters(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> bool:
+    for n in nodes:
+        if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters()):
+            return True
+        if n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.nn.Parameter):
+            return True
+    return False
+
+
+def _attr(gm: torch.fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _owner(node: torch.fx.Node) -> str | None:
+    """The qualified name of the module a call or an attribute belongs to."""
+    if node.op == "call_module":
+        return node.target
+    return node.target.rpartition(".")[0] if node.op == "get_attr" else None
+
+
+def _block(add: torch.fx.Node, nodes: list[torch.fx.Node]) -> str:
+    """The module that holds a branch: the deepest module whose forward computes the add and that
+    contains every module of the branch (without a record of the add's module: the deepest module
+    containing the branch's modules)."""
+    paths = [o.split(".") for o in map(_owner, nodes) if o is not None]
+    common = []
+    for pieces in zip(*paths):
+        if len(set(pieces)) > 1:
+            break
+        common.append(pieces[0])
+    common = ".".join(common)
+    stack = [path for path, _ in add.meta.get("nn_module_stack", {}).values()]
+    holders = [p for p in stack if common == p or common.startswith(p + ".")]
+    return holders[-1] if holders else common
+
+
+def _unique(base: str, used: set[str]) -> str:
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}#{i}"
+    used.add(name)
+    return name

@@ -1,0 +1,76 @@
+"""Remove residual branches: y = x + F(x) becomes y = x.
+
+``zero_layers`` is the reference (y = x + 0·F(x): same parameters, same shapes); ``remove_layers``
+erases the branch, then the modules and attributes that only it used.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from fxprune.layers import Layer
+
+
+def zero_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
+    """Multiply the output of every branch in ``layers`` by 0, in place."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for layer in layers:
+        out = nodes[layer.branch_out]
+        with gm.graph.inserting_after(out):
+            zero = gm.graph.call_function(torch.mul, (out, 0.0))
+        zero.meta["tensor_meta"] = out.meta.get("tensor_meta")
+        nodes[layer.add].replace_input_with(out, zero)
+    gm.graph.lint()
+    gm.recompile()
+
+
+IN_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+            operator.itruediv: operator.truediv}
+
+
+def _out_of_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Make ``node`` leave its input unchanged (relu(inplace=True) -> relu, x.add_(y) -> x.add(y))."""
+    if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
+        gm.get_submodule(node.target).inplace = False  # the same result, written to a new tensor
+    elif node.kwargs.get("inplace"):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        node.target = node.target[:-1]
+    elif node.target in IN_PLACE:
+        node.target = IN_PLACE[node.target]
+
+
+def remove_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
+    """Replace every branch in ``layers`` by its skip input, in place; a layer nested in another
+    removed one goes with it."""
+    if not layers:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    attributes = set()
+    for layer in layers:
+        if layer.add not in nodes or nodes[layer.add].name != layer.add:  # inside a layer removed before
+            continue
+        add, skip = nodes[layer.add], nodes[layer.skip]
+        for user in add.users:  # they wrote into the add's fresh result; the skip is shared
+            _out_of_place(gm, user)
+        add.replace_all_uses_with(skip)
+        gm.graph.erase_node(add)
+        nodes[layer.add] = skip  # a later layer whose skip input was this add reads the skip now
+        for name in reversed(layer.nodes):
+            node = nodes.pop(name, None)
+            if node is not None:
+                if node.op == "get_attr":
+                    attributes.add(node.target)
+                gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    still = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in attributes - still:
+        owner, _, name = target.rpartition(".")
+        try:
+            delattr(gm.get_submodule(owner), name)
+        except AttributeError:  # its module is gone already
+            pass
+    gm.graph.lint()
+    gm.recompile()
