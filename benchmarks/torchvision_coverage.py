@@ -255,6 +255,16 @@ def worker(args) -> None:
         report = small.meta.get("fxprune_report", [])
         rec["kept"] = sum(1 for a in report if a.action == "kept")
         rec["folded"] = sum(1 for a in report if a.action == "folded")
+    rec["layers"] = len(analysis.layers)
+    if analysis.layers and fail is None:  # channels as above, and every other residual branch removed
+        removed = {layer.name: False for layer in analysis.layers[::2]}
+        rec["layers_removed"] = len(removed)
+        rec["stage"] = "remove layers"
+        _write(args.out, rec)
+        small, err, layer_fail, _ = check(model, {**masks, **removed}, x, analysis, args.tolerance)
+        rec["layers_exact"] = layer_fail is None
+        rec["params_after_layers"] = sum(p.numel() for p in small.parameters()) if small is not None else None
+        fail = layer_fail
     if fail is None:
         rec["exact"] = len(masks)
     else:
@@ -402,7 +412,7 @@ def table(results: list[dict]) -> str:
     from tabulate import tabulate
 
     head = ["model", "input", "params M", "params M after", "groups", "exact", "flagged", "1-channel",
-            "kept", "folded", "analyze s", "compact s", "status", "flagged reasons"]
+            "kept", "folded", "layers", "params M after layers", "analyze s", "compact s", "status", "flagged reasons"]
     rows = []
     for r in results:
         exact = r.get("exact")
@@ -411,7 +421,8 @@ def table(results: list[dict]) -> str:
         rows.append([r["model"], r.get("input"), _fmt_m(r.get("params_before")), _fmt_m(r.get("params_after")),
                      _fmt_i(r.get("groups")), exact if isinstance(exact, str) else _fmt_i(exact),
                      _fmt_i(r.get("flagged")), _fmt_i(r.get("single")), _fmt_i(r.get("kept")),
-                     _fmt_i(r.get("folded")), _fmt_s(r.get("analyze_s")), _fmt_s(r.get("compact_s")),
+                     _fmt_i(r.get("folded")), _fmt_i(r.get("layers")), _fmt_m(r.get("params_after_layers")),
+                     _fmt_s(r.get("analyze_s")), _fmt_s(r.get("compact_s")),
                      status(r), reason_summary(r.get("reasons", {})).replace("|", "\\|")])
     return tabulate(rows, head, tablefmt="github", disable_numparse=True)
 
@@ -423,6 +434,9 @@ def totals(results: list[dict], skipped: dict[str, int | None]) -> str:
     beyond = sum(1 for r in results if set(r.get("reasons", {})) - {"model output"})
     line = (f"{n} models: {n - failed} exact, {flagged} with flagged groups ({beyond} with flagged groups "
             f"other than the model output), {failed} failed")
+    with_layers = [r for r in results if r.get("layers")]
+    line += (f"; {len(with_layers)} models expose {sum(r['layers'] for r in with_layers)} removable layers, "
+             f"and removing every other one is exact in {sum(1 for r in with_layers if r.get('layers_exact'))}")
     if skipped:
         line += "; skipped (over the size limit): " + ", ".join(
             f"{k} ({_fmt_m(v)} M params)" for k, v in skipped.items())
@@ -488,7 +502,10 @@ def section(results: list[dict], skipped: dict, info: dict) -> str:
              f"exactly (when the model fails, the groups that compact exactly alone, out of the masked "
              f"ones); \"flagged\": groups `analyze` marks not prunable (reasons shortened, × count); "
              f"\"1-channel\": prunable groups of one channel (not masked); \"kept\" / \"folded\": removed "
-             f"channels that `compact` kept zeroed / folded into a consumer's bias. Times are CPU seconds "
+             f"channels that `compact` kept zeroed / folded into a consumer's bias; \"layers\": removable layers "
+             f"(residual branches y = x + F(x), `analysis.layers`), of which every other one is then removed "
+             f"together with the channel masks (checked against `apply_masks` the same way), leaving "
+             f"\"params M after layers\". Times are CPU seconds "
              f"of the model's subprocess. Each model runs in its own subprocess (limit {info['timeout']:.0f} s, "
              f"{info['max_memory_gb']:g} GiB resident). Whole run: {info['elapsed_s'] / 60:.1f} min.", "",
              f"**{totals(results, skipped)}.**", "", table(results), ""]

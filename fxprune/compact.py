@@ -46,7 +46,8 @@ def apply_masks(model: nn.Module, masks: Masks, example_inputs: Any, analysis: A
 
 
 def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analysis | None = None,
-            exact: bool = True, return_mapping: bool = False) -> torch.fx.GraphModule | tuple[torch.fx.GraphModule, Mapping]:
+            exact: bool = True, return_mapping: bool = False, round_to: int | None = None,
+            scores: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule | tuple[torch.fx.GraphModule, Mapping]:
     """A new, dense ``GraphModule`` without the masked channels, equal to ``apply_masks``.
 
     ``masks`` maps a group name, or a producing module's qualified name, to a 1-D bool tensor
@@ -60,12 +61,16 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
     from ``apply_masks`` on ``example_inputs`` is then measured, warned about and stored in
     ``result.meta["fxprune_deviation"]``.
 
+    ``round_to=8`` (32 for int8) keeps channel counts at multiples that tensor cores use: each
+    group that loses channels keeps more of its masked ones, those with the highest
+    ``scores[group]`` (else the first), still zeroed, so the result is the same function.
+
     ``return_mapping=True`` returns ``(result, mapping)``: for every parameter and buffer of the
     result, the tensor of ``model`` it comes from and which of its indices it keeps
     (:class:`~fxprune.mapping.TensorMap`); :func:`~fxprune.optim.remap_optimizer` uses it.
     """
     analysis = _analysis(model, example_inputs, analysis)
-    plan = resolve(analysis, masks, exact=exact)
+    plan = resolve(analysis, masks, exact=exact, round_to=round_to, scores=scores)
     _check_not_emptied(plan)
     folds, report = [], []
     lost = _exact_only(plan, dropped_inputs(plan))
@@ -74,7 +79,7 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
         values = consumer_inputs(reference, {(m.node, m.input_arg) for m, _ in lost}, example_inputs)
         keep, folds, report = plan_folds(analysis.gm, plan, lost, values)
         if keep:
-            plan = resolve(analysis, masks, force_keep=keep, exact=exact)
+            plan = resolve(analysis, masks, force_keep=keep, exact=exact, round_to=round_to, scores=scores)
             warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
                 str(a) for a in report if a.action == "kept"), stacklevel=2)
     gm = slice_parameters(analysis.gm, plan)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -55,12 +56,16 @@ class Plan:
         return small
 
 
-def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset(), exact: bool = True) -> Plan:
+def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset(), exact: bool = True,
+            round_to: int | None = None, scores: Mapping[str, torch.Tensor] | None = None) -> Plan:
     """Check ``masks`` and turn them into a :class:`Plan`. Raises :class:`MaskError` naming the key.
 
     A key may name a removable layer (``analysis.layers``) with False to remove it. A group that the
     masks empty and that lives inside a removable layer removes the innermost such layer instead.
-    ``force_keep`` lists unit roots that must stay whatever the masks say. ``exact=False`` also
+    ``force_keep`` lists unit roots that must stay whatever the masks say. ``round_to`` keeps, in
+    every group that loses channels, extra masked units (zeroed, so the function is the same) until
+    its channel count is a multiple of ``round_to``: those with the highest ``scores[group]``, else
+    the first ones. ``exact=False`` also
     accepts masks on groups that are prunable only approximately (normalised across channels).
     """
     groups = {g.name: (i, g) for i, g in enumerate(analysis.groups)}
@@ -110,10 +115,34 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
     for root in force_keep:
         gi, ui = analysis.unit_of[root]
         keep_unit[gi][ui] = True
+    if round_to:
+        _round_up(analysis, keep_unit, round_to, scores or {}, inside)
     keep_atom = _keep_atoms(analysis, keep_unit)
     removed_nodes = {n for layer in removed.values() for n in (*layer.nodes, layer.add)}
     return Plan(analysis, keep_unit, keep_atom, _producer_masks(analysis, masked_atom, own, by_group, removed_nodes),
                 list(removed.values()), removed_nodes)
+
+
+def _round_up(analysis: Analysis, keep_unit: list[torch.Tensor], round_to: int, scores: Mapping[str, torch.Tensor],
+              skip: set[str]) -> None:
+    """Keep more units of each group that loses some, so that its channel count (units times the
+    channels of a unit) is a multiple of ``round_to``, or the whole group."""
+    per_unit = {}
+    for p in analysis.space.producers:
+        gi, _ = _units_of(analysis, p.atoms)
+        per_unit.setdefault(gi, len(p.atoms) // analysis.groups[gi].size or 1)
+    for gi, (g, keep) in enumerate(zip(analysis.groups, keep_unit)):
+        if g.name in skip or bool(keep.all()):
+            continue
+        step = round_to // math.gcd(round_to, per_unit.get(gi, 1))
+        extra = min(g.size, -(-int(keep.sum()) // step) * step) - int(keep.sum())
+        if extra > 0:
+            score = scores.get(g.name)
+            if score is not None and score.shape != (g.size,):
+                raise MaskError(f"scores['{g.name}'] has shape {tuple(score.shape)}; group '{g.name}' has {g.size} units")
+            rank = -score.detach().cpu().float() if score is not None else torch.arange(g.size, dtype=torch.float)
+            masked = (~keep).nonzero().flatten()
+            keep[masked[torch.argsort(rank[masked], stable=True)[:extra]]] = True
 
 
 def _layer_flag(key: str, mask) -> bool:

@@ -1,0 +1,72 @@
+"""compact(round_to=...): channel counts at multiples of round_to, the same function."""
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.zoo import torchvision_models
+
+
+def random_masks(analysis, keep: float, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {g.name: torch.rand(g.size, generator=gen) < keep for g in analysis.groups if g.prunable}
+
+
+@pytest.mark.parametrize("round_to", [8, 32])
+def test_resnet_channel_counts_are_multiples_and_exact(round_to):
+    model, x = torchvision_models().resnet18(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    analysis = fxprune.analyze(model, x)
+    masks = random_masks(analysis, 0.45)
+    small = fxprune.compact(model, masks, x, analysis, round_to=round_to).eval()
+    for g in analysis.groups:
+        if g.name in masks and not bool(masks[g.name].all()):
+            conv = small.get_submodule(g.producers[0])
+            assert conv.out_channels % round_to == 0 or conv.out_channels == g.size, g.name
+            assert conv.out_channels >= int(masks[g.name].sum())
+    reference = fxprune.apply_masks(model, masks, x, analysis).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), reference(x), rtol=1e-5, atol=1e-5)
+    plain = fxprune.compact(model, masks, x, analysis)
+    assert fxprune.cost(small, x).params > fxprune.cost(plain, x).params
+
+
+def test_extra_channels_follow_scores():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[:3] = True
+    scores = torch.arange(16.0)  # the highest scores: the last channels
+    small, mapping = fxprune.compact(model, {"0": mask}, x, round_to=8, scores={"0": scores}, return_mapping=True)
+    assert small.get_submodule("0").out_channels == 8
+    assert mapping["0.weight"].index[0].tolist() == [0, 1, 2, 11, 12, 13, 14, 15]
+    first = fxprune.compact(model, {"0": mask}, x, round_to=8, return_mapping=True)[1]
+    assert first["0.weight"].index[0].tolist() == list(range(8))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), fxprune.apply_masks(model, {"0": mask}, x)(x))
+
+
+class LSTMHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(6, 20, batch_first=True), nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_lstm_hidden_units_are_rounded():
+    model, x = LSTMHead().eval(), torch.randn(2, 5, 6)
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[:5] = True
+    small = fxprune.compact(model, {"lstm.hidden_l0": keep}, x, round_to=8)
+    assert small.lstm.module.hidden_size == 8  # wrapped: its 3 extra units stay zeroed
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), fxprune.apply_masks(model, {"lstm.hidden_l0": keep}, x)(x))
+
+
+def test_wrong_scores_shape_names_the_group():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[0] = False
+    with pytest.raises(fxprune.MaskError, match=r"scores\['0'\]"):
+        fxprune.compact(model, {"0": mask}, torch.randn(1, 3, 4, 4), round_to=8, scores={"0": torch.ones(3)})
