@@ -1,5 +1,6 @@
 """fxprune: structured pruning and growth of PyTorch models as exact torch.fx graph rewrites."""
 from .analysis import Analysis, ChannelGroup, GroupMember, analyze
+from .checkpoint import load, save
 from .compact import apply_masks, compact
 from .cost import Cost, cost
 from .errors import CheckpointError, CompactError, ExportError, FxpruneError, GrowError, MaskError, TraceError
@@ -12,5 +13,5 @@ from .trace import trace
 __all__ = [
     "Analysis", "ChannelGroup", "CheckpointError", "CompactError", "Cost", "ExportError", "FxpruneError",
     "GroupMember", "GrowError", "Layer", "Mapping", "MaskError", "TensorMap", "TraceError", "analyze",
-    "apply_masks", "compact", "cost", "grow", "remap_optimizer", "trace",
+    "apply_masks", "compact", "cost", "grow", "load", "remap_optimizer", "save", "trace",
 ]

@@ -211,6 +211,9 @@ def _tensors_on_meta(gm: torch.fx.GraphModule):
     finally:
         for table, k, t in saved:
             table[k] = t
+        for m in gm.modules():
+            if isinstance(m, nn.RNNBase):  # its flat weight list still holds the meta tensors
+                m._init_flat_weights()
 
 
 def _on_meta(t: torch.Tensor) -> torch.Tensor:
