@@ -1,8 +1,9 @@
 """fxprune.checkpoint: rewritten models saved as data, loaded in a fresh process without their code.
 
 The fixed cases (compacted torchvision models, recurrent stacks, pruned attention, tied weights,
-masked modules) are loaded by one fresh Python process that imports only torch and fxprune; random
-architectures from tests/strategies.py round-trip in process. Damaged, foreign and disallowed files
+masked modules) and a set of random rewritten architectures are loaded by one fresh Python process
+each that imports only torch and fxprune; more random architectures from tests/strategies.py
+round-trip in process. Damaged, foreign and disallowed files
 must raise CheckpointError.
 """
 from __future__ import annotations
@@ -236,20 +237,18 @@ print(json.dumps({{"cases": report, "imported": imported}}))
 """
 
 
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    """Every case saved here, then loaded and run by one fresh process: per case, the outputs and
-    description of the original ("want", "description") and of the loaded model ("got", "loaded")."""
-    folder = tmp_path_factory.mktemp("fresh")
+def load_in_fresh_process(folder, cases: dict) -> dict:
+    """Save every case (name -> (model, inputs)) in ``folder``, then load and run them all in one
+    fresh process: per case, the outputs and description of the original ("want",
+    "description") and of the loaded model ("got", "loaded")."""
     results = {}
-    for name, make in CASES.items():
-        gm, inputs = make()
+    for name, (gm, inputs) in cases.items():
         results[name] = {"want": run(gm, inputs), "description": describe(gm)}
         save(gm, folder / f"{name}.fxp")
         torch.save(inputs, folder / f"{name}.inputs.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tests' modules stay out of reach
     script = FRESH.format(describe=inspect.getsource(describe))
-    command = [sys.executable, "-c", script, str(torch.get_num_threads()), str(folder), *CASES]
+    command = [sys.executable, "-c", script, str(torch.get_num_threads()), str(folder), *cases]
     done = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
@@ -258,6 +257,37 @@ def fresh(tmp_path_factory):
         result["got"] = torch.load(folder / f"{name}.outputs.pt", weights_only=True)
         result["loaded"] = report["cases"][name]
     return results
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    return load_in_fresh_process(tmp_path_factory.mktemp("fresh"), {name: make() for name, make in CASES.items()})
+
+
+def test_random_rewritten_models_round_trip_in_a_fresh_process(tmp_path):
+    """Random architectures, masked, compacted (some residual branches removed) or grown, all
+    saved and then loaded by one fresh process."""
+    cases = {}
+
+    @settings(max_examples=max(5, settings.default.max_examples // 4), database=None)
+    @given(spec=model_specs(), data=st.data(), how=st.sampled_from(["masked", "compacted", "grown"]))
+    def draw(spec, data, how):
+        model, x, analysis, masks = draw_case(data, spec)
+        if how == "grown":
+            groups = [g.name for g in analysis.groups if g.prunable and g.size > 1]
+            if not groups:
+                reject()
+            gm = fxprune.grow(model, x, widen={data.draw(st.sampled_from(groups)): 2}, analysis=analysis)[0]
+        else:
+            removed = {layer.name: False for layer in analysis.layers if data.draw(st.booleans())}
+            gm = rewritten(model, x, analysis, {**masks, **removed}, how == "masked")
+        cases[f"case{len(cases)}"] = (gm.eval(), (x,))
+
+    draw()
+    assert len(cases) >= 3
+    for name, result in load_in_fresh_process(tmp_path, cases).items():
+        assert_same_bits(result["got"], result["want"], f"{name}: outputs of the loaded model")
+        assert result["loaded"] == result["description"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
