@@ -19,6 +19,8 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from .trace import no_attention_fastpath
+
 __all__ = ["Cost", "cost"]
 
 
@@ -74,7 +76,8 @@ def _count_flops(
     # without oneDNN, CPU RNNs run as matrix products the counter sees, not as one fused op it cannot
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice, raised when its flags change
-        with FlopCounterMode(display=False) as counter, torch.backends.mkldnn.flags(enabled=False):
+        with FlopCounterMode(display=False) as counter, torch.backends.mkldnn.flags(enabled=False), \
+                no_attention_fastpath():
             functional_call(model, state, inputs, tie_weights=False)
     return counter.get_total_flops()
 

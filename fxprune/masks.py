@@ -102,7 +102,7 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
     keep_unit = [v | ~h for v, h in zip(votes, heard)]
     for g, keep in zip(analysis.groups, keep_unit):
         if not keep.any():
-            layer = _innermost(analysis.layers, g.name)
+            layer = innermost_layer(analysis.layers, g.name)
             if layer is None:
                 raise MaskError(
                     f"mask for group '{g.name}' removes every channel, and the group lives in no "
@@ -154,7 +154,7 @@ def _layer_flag(key: str, mask) -> bool:
     raise MaskError(f"mask '{key}' names a removable layer: give True (keep) or False (remove), got {mask!r}")
 
 
-def _innermost(layers: list[Layer], group: str) -> Layer | None:
+def innermost_layer(layers: list[Layer], group: str) -> Layer | None:
     """The smallest removable layer that holds every producer of ``group``."""
     holding = [layer for layer in layers if group in layer.groups]
     return min(holding, key=lambda layer: len(layer.nodes), default=None)

@@ -115,10 +115,20 @@ def _keep_module_stacks(before: torch.fx.Graph, after: torch.fx.Graph) -> None:
 
 
 @contextlib.contextmanager
-def _traceable_torch():
-    """Disable the fused attention fast path (transformer layers then skip their checks on tensor
-    values) and record the RECORDED helpers as calls while tracing."""
+def no_attention_fastpath():
+    """Run attention and transformer layers on their plain path: the fused fast path checks tensor
+    values (untraceable) and is one op that FLOP counting does not see into."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def _traceable_torch():
+    """Disable the fused attention fast path and record the RECORDED helpers as calls while tracing."""
     originals = [(module, name, getattr(module, name)) for module, name in RECORDED]
 
     def recorded(fn):
@@ -127,13 +137,12 @@ def _traceable_torch():
             return proxy.tracer.create_proxy("call_function", fn, args, kwargs) if proxy is not None else fn(*args, **kwargs)
         return call
 
-    torch.backends.mha.set_fastpath_enabled(False)
     for module, name, fn in originals:
         setattr(module, name, recorded(fn))
     try:
-        yield
+        with no_attention_fastpath():
+            yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, name, fn in originals:
             setattr(module, name, fn)
 

@@ -4,7 +4,9 @@ removable layer on its branch's output.
 A gate's values multiply the group's channels at every producer (after a BatchNorm that directly
 follows it) and, inside a module that owns its units (an RNN, an attention), the parameter entries
 and outputs of those units. With 0/1 values the gated model is ``apply_masks`` of the masks
-``{gate.key: gate.hard()}``.
+``{gate.key: gate.hard()}``, except where all of a group inside a removable layer is gated off:
+``apply_masks`` then removes the layer, while the gated branch still adds what follows the group
+(a BatchNorm's bias).
 """
 from __future__ import annotations
 

@@ -1,0 +1,203 @@
+"""Expected cost of a model as a differentiable function of per-unit keep probabilities.
+
+Every unit of a prunable channel group stays with probability ``p`` and every removable layer
+with probability ``q``, independently. The FLOPs of each node (per call, counted by
+``FlopCounterMode`` on the example inputs) scale with the fraction of its weight entries that
+stay: for a weight whose dims hold channels, ``numel * prod over those dims of mean(p)`` (an entry
+in no group counts as 1), so a conv or linear layer costs ``F * mean_in(p) * mean_out(p)`` and a
+depthwise conv, whose in and out channels are one unit ("channel" dim), ``F * mean(p)``. A node
+without such weights (a matmul of two activations) has a fixed cost. Parameters scale the same
+way, tensor by tensor. Everything inside a removable layer's branch is multiplied by the
+probability that the layer stays: ``q`` times, for each group whose emptying removes that layer,
+the probability ``1 - prod(1 - p)`` that it keeps a unit. With 0/1 probabilities the result is
+the cost of ``fxprune.compact`` of the corresponding masks (matmul- and convolution-like FLOPs,
+as :func:`fxprune.cost` counts them).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..analysis import Analysis
+from ..masks import innermost_layer
+from ..trace import as_tuple
+
+METRICS = ("flops", "params")
+Probabilities = Mapping[str, torch.Tensor]  # group name -> p per unit; layer name -> q (one element)
+
+
+class _FlopsPerNode(torch.fx.Interpreter):
+    """Runs the graph and counts the FLOPs of every node on its own."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.flops: dict[str, int] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(n)
+        self.flops[n.name] = counter.get_total_flops()
+        return out
+
+
+def flops_per_node(gm: torch.fx.GraphModule, example_inputs: Any) -> dict[str, int]:
+    """The FLOPs of every node of ``gm`` for one call on ``example_inputs``, run on a copy in eval
+    mode with gradients enabled (so that attention takes its unfused path, whose matrix products
+    the counter sees)."""
+    counter = _FlopsPerNode(copy.deepcopy(gm).eval())
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):  # RNNs as matrix products, as fxprune.cost counts them
+            counter.run(*as_tuple(example_inputs))
+    return counter.flops
+
+
+def gated_groups(analysis: Analysis) -> list[str]:
+    """The groups whose units the methods gate: prunable exactly (``compact`` removes their units
+    without changing the others; a LayerNorm over a group makes it approximate)."""
+    return [g.name for g in analysis.groups if g.prunable and g.exact]
+
+
+@dataclass
+class _Term:
+    """``weight`` (dense FLOPs or parameters) times the mean keep probability of the entries along
+    each of ``dims`` (indices into the flat probability vector) times the probability that each of
+    ``layers`` stays."""
+
+    weight: float
+    dims: list[torch.Tensor]
+    layers: list[int]
+
+
+class Budget:
+    """Expected FLOPs and parameters of ``analysis.gm`` given keep probabilities.
+
+    >>> budget = Budget(analysis, x)
+    >>> p = {g: torch.full((size,), 0.5, requires_grad=True) for g, size in budget.groups.items()}
+    >>> budget.expected(p, "flops").backward()  # differentiable in every p
+    """
+
+    def __init__(self, analysis: Analysis, example_inputs: Any):
+        self.analysis = analysis
+        self.groups = {g.name: g.size for g in analysis.groups if g.prunable}  # prunable group -> units
+        self.layers = [layer.name for layer in analysis.layers]
+        self._offsets, start = {}, 0  # flat p: every group's units, then a constant 1 at ``start``
+        for name, size in self.groups.items():
+            self._offsets[name], start = start, start + size
+        self._one = start
+        self._root_index = torch.full((len(analysis.group_of),), start, dtype=torch.long)  # atom root -> flat index
+        for gi, g in enumerate(analysis.groups):
+            if g.name in self._offsets:
+                roots = (analysis.group_of == gi).nonzero().flatten()
+                self._root_index[roots] = self._offsets[g.name] + analysis.unit_in[roots]
+        self._emptied = {}  # layer index -> the groups whose emptying removes it (as compact does)
+        for name in self.groups:
+            layer = innermost_layer(analysis.layers, name)
+            if layer is not None:
+                self._emptied.setdefault(self.layers.index(layer.name), []).append(name)
+        self._terms: dict[str, list[_Term]] = {"flops": self._flops_terms(flops_per_node(analysis.gm, example_inputs)),
+                                               "params": self._params_terms()}
+        self.dense = {metric: sum(t.weight for t in terms) for metric, terms in self._terms.items()}
+
+    def _dims(self, owner: str, node: str | None = None) -> list[torch.Tensor]:
+        """Flat index of every entry along each channel dim of tensor ``owner`` (as ``node`` uses it)."""
+        out = {}
+        for m in self.analysis.space.members:
+            if m.owner == owner and (node is None or m.node == node) and m.dim not in out:
+                roots = self.analysis.roots[m.atoms.clamp(min=0)]
+                out[m.dim] = torch.where(m.atoms >= 0, self._root_index[roots], self._one)
+        return list(out.values())
+
+    def _layers_holding(self, nodes: set[str]) -> list[int]:
+        return [i for i, layer in enumerate(self.analysis.layers) if nodes and nodes <= set(layer.nodes)]
+
+    def _flops_terms(self, flops: dict[str, int]) -> list[_Term]:
+        """Per node with FLOPs, one term per weight matrix it multiplies, its FLOPs shared by size."""
+        tensors = dict(self.analysis.gm.named_parameters())
+        terms = []
+        for node in self.analysis.gm.graph.nodes:
+            if not flops.get(node.name):
+                continue
+            layers = self._layers_holding({node.name})
+            weights = sorted({m.owner for m in self.analysis.space.members
+                              if m.node == node.name and m.owner in tensors and tensors[m.owner].dim() >= 2})
+            if not weights:  # a product of activations: a fixed cost
+                terms.append(_Term(flops[node.name], [], layers))
+            total = sum(tensors[w].numel() for w in weights)
+            terms += [_Term(flops[node.name] * tensors[w].numel() / total, self._dims(w, node.name), layers)
+                      for w in weights]
+        return terms
+
+    def _params_terms(self) -> list[_Term]:
+        """One term per parameter; it goes with a layer when only that layer's nodes use it."""
+        gm = self.analysis.gm
+        users: dict[str, set[str]] = {}
+        tensors = dict(gm.named_parameters())
+        for node in gm.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                for name in tensors:
+                    if name == node.target or name.startswith(f"{node.target}."):
+                        users.setdefault(name, set()).add(node.name)
+        return [_Term(t.numel(), self._dims(name), self._layers_holding(users.get(name, set())))
+                for name, t in tensors.items()]
+
+    def flat(self, probs: Probabilities) -> torch.Tensor:
+        """Every group's unit probabilities in one vector (1 for groups not in ``probs``), then a 1."""
+        like = next((p for p in probs.values() if isinstance(p, torch.Tensor)), torch.ones(()))
+        ones = lambda n: torch.ones(n, dtype=torch.float, device=like.device)  # noqa: E731
+        parts = [ones(size) if probs.get(name) is None else probs[name].reshape(size).float()
+                 for name, size in self.groups.items()]
+        return torch.cat(parts + [ones(1)])
+
+    def _alive(self, flat: torch.Tensor, probs: Probabilities) -> list[torch.Tensor]:
+        """The probability that each removable layer stays: its own, times, for each group whose
+        emptying removes it, the probability that the group keeps a unit."""
+        alive = []
+        for i, name in enumerate(self.layers):
+            a = probs[name].reshape(()).float() if name in probs else flat[self._one]
+            for g in self._emptied.get(i, []):
+                if g in probs:
+                    start = self._offsets[g]
+                    a = a * (1 - torch.prod(1 - flat[start:start + self.groups[g]]))
+            alive.append(a)
+        return alive
+
+    def expected(self, probs: Probabilities, metric: str = "flops") -> torch.Tensor:
+        """E[FLOPs] of one call on the example inputs, or E[parameters] (a scalar tensor)."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        flat = self.flat(probs)
+        alive = self._alive(flat, probs)
+        total = flat.new_zeros(())
+        for term in self._terms[metric]:
+            value = flat.new_tensor(term.weight)
+            for index in term.dims:
+                value = value * flat[index].mean()
+            for i in term.layers:
+                value = value * alive[i]
+            total = total + value
+        return total
+
+    def fraction(self, probs: Probabilities, metric: str = "flops") -> torch.Tensor:
+        """:meth:`expected` as a fraction of the dense cost."""
+        return self.expected(probs, metric) / self.dense[metric]
+
+    def unit_costs(self, metric: str = "flops", probs: Probabilities | None = None) -> dict[str, torch.Tensor]:
+        """What each unit of every group, and each layer (one value), costs: d E[cost] / d p at
+        ``probs`` (default: everything kept). A unit's is its producers' share plus what its
+        consumers spend on it; a layer's, everything inside it."""
+        probs = dict(probs or {})
+        sizes = {**self.groups, **{name: 1 for name in self.layers}}
+        leaves = {name: probs.get(name, torch.ones(size)).detach().float().reshape(size).clone().requires_grad_()
+                  for name, size in sizes.items()}
+        with torch.enable_grad():
+            total = self.expected({**probs, **leaves}, metric)
+        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        return {name: torch.zeros(sizes[name]) if g is None else g for name, g in zip(leaves, grads)}

@@ -1,0 +1,385 @@
+"""GrowEfficient: grow and prune channels and layers from a small seed with sampled gates.
+
+Yuan, Savarese and Maire, "Growing Efficient Deep Networks by Structured Continuous
+Sparsification", ICLR 2021. Every unit of a prunable channel group and every removable layer
+(residual branch) has a logit ``s``. In training its gate is a sample of Bernoulli(sigma(beta * s))
+whose gradient is that of sigma(beta * s) (straight-through); in eval it is ``s > 0``. ``beta`` grows
+every epoch, from 1 to ``beta_final``, so the gates harden. A budget-aware penalty on the expected
+cost pushes the gates off while the architecture costs more than the target and on while it costs
+less. Only a seed starts on; the final architecture is ``s > 0``, without fine-tuning.
+
+>>> ge = GrowEfficient(model, x, target=0.5, metric="flops", epochs=10)
+>>> opt = torch.optim.SGD(ge.weights(), lr=0.1, momentum=0.9)
+>>> for epoch in range(10):
+...     for x, y in loader:
+...         loss = F.cross_entropy(ge.model(x), y) + ge.penalty()
+...         opt.zero_grad(); ge.gate_optimizer.zero_grad()
+...         loss.backward()
+...         opt.step(); ge.gate_optimizer.step()
+...     ge.after_epoch()
+>>> small, mapping = ge.compact()
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from tabulate import tabulate
+from torch import nn
+
+from fxprune.passes.insert_gates import gates_of, insert_gates
+
+from ..analysis import Analysis, analyze
+from ..compact import compact as compact_model
+from ..cost import Cost
+from ..grow import grow
+from ..mapping import Mapping, TensorMap
+from ..modules.gate import Gate, GatedModule
+from ..optim import remap_optimizer
+from .budget import METRICS, Budget, gated_groups
+
+
+class SampledGate(Gate):
+    """A gate whose ``weight`` holds logits ``s``. In training mode its values are one sample of
+    Bernoulli(sigma(beta * s)) per unit, whose gradient is that of sigma(beta * s); in eval mode
+    they are ``s > 0``.
+
+    The sample is drawn from ``self.seed``, so every call during one forward pass (a residual
+    stream's gate multiplies the output of each of its producers) sees the same sample; the
+    forward pre-hook :func:`resample` draws a new seed before each pass of the gated model.
+    """
+
+    def __init__(self, key: str, logits: torch.Tensor, beta: float = 1.0):
+        super().__init__(key, len(logits))
+        with torch.no_grad():
+            self.weight.copy_(logits)
+        self.beta = beta
+        self.seed = 0
+
+    def probabilities(self) -> torch.Tensor:
+        """sigma(beta * s): the probability that each unit is sampled on."""
+        return torch.sigmoid(self.beta * self.weight)
+
+    def values(self) -> torch.Tensor:
+        if not self.training:
+            return (self.weight > 0).to(self.weight.dtype)
+        p = self.probabilities()
+        generator = torch.Generator(p.device).manual_seed(self.seed)
+        z = (torch.rand(p.shape, generator=generator, device=p.device) < p.detach()).to(p.dtype)
+        return z + (p - p.detach())  # value z, gradient d sigma(beta * s)
+
+
+def resample(model: nn.Module, args: Any = None) -> None:
+    """Give every :class:`SampledGate` of ``model`` a new seed (a forward pre-hook of the gated model)."""
+    for gate in gates_of(model):
+        if isinstance(gate, SampledGate):
+            gate.seed = int(torch.randint(2**62, ()))
+
+
+class GrowEfficient:
+    """Train a deep copy of ``model`` with sampled channel and layer gates toward a cost budget.
+
+    ``target`` is the cost to reach as a fraction of ``model``'s (``metric`` "flops": FLOPs of one
+    call on ``example_inputs``; "params": parameter count), as :class:`~.budget.Budget` computes it.
+
+    Choices the paper leaves open, each a parameter:
+
+    - Seed: the first ``ceil(seed * size)`` units of each gated group (those prunable exactly:
+      :func:`~.budget.gated_groups`) start with ``s = +s0``, the others with ``s = -s0``; a fraction
+      ``seed_layers`` of the removable layers, evenly spread, start on. At ``beta = 1`` an off unit
+      is still sampled with probability sigma(-s0).
+    - Sampling: one sample per unit per forward pass, shared by the whole batch (one subnetwork
+      per step).
+    - Penalty: ``lam_t * E[cost] / unit_cost``. E[cost] comes from the probabilities sigma(beta * s)
+      (:class:`~.budget.Budget`: a layer's contents are weighted by its own gate too);
+      ``unit_cost`` is the mean cost of a unit of the original model, so the penalty pulls on each
+      unit with ``lam_t`` times its cost relative to an average unit, whatever the model's size.
+      A layer gate's pull is divided by the layer's cost in average units, so that a layer moves
+      at the pace of one unit (with its full cost it jumps off or on in a step and overshoots).
+    - Controller: ``lam_t = lam * clip((c_t - target) / tol, -1, 1)``, with ``c_t`` the cost
+      fraction of the current architecture (``s > 0``), updated at every :meth:`penalty`: full
+      strength beyond ``tol`` of the target, proportional within it, positive above the budget
+      (prune) and negative below it (grow). Being proportional, it settles within about ``tol`` of
+      the target, where the task loss balances it.
+    - ``beta`` is multiplied by ``beta_final ** (1 / (epochs - 1))`` in :meth:`after_epoch`, so the
+      last of ``epochs`` epochs trains at ``beta_final``.
+    - Logits have their own SGD (``lr``, Nesterov momentum ``momentum``, no weight decay).
+    - A group left with no unit on keeps its unit of highest ``s`` (or, inside a removable layer,
+      removes that layer, as :func:`fxprune.compact` does), so the masks always compact. The
+      eval-mode gated model then differs from the compacted one (it has the group empty, and a
+      layer's branch still adds the constant its emptied group leaves).
+    - Physical resizing (:meth:`resize`, called every few steps by :func:`~.train.fit`): the units
+      that are off go, except a reserve: the ``ceil(reserve * on)`` off units of highest ``s`` in
+      each group (at least one, and two units in all, since :func:`fxprune.grow` cannot widen a
+      single channel). A group whose reserve ran short (its units turned on) grows new units
+      (:func:`fxprune.grow`, ``init="random"``, which keeps the function) with ``s = -s0 / beta``,
+      so that they are sampled with probability sigma(-s0) whatever ``beta`` is; reserve units
+      below that are raised to it, so that a reserve pushed far off can still come back. A layer
+      whose gate is off goes once its sampling probability is below ``layer_drop``.
+
+    ``ge.model`` is the gated GraphModule to train (:meth:`weights` are its weights, without the
+    logits); its gates are ``gates_of(ge.model)``. ``model`` itself is never changed.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, target: float = 0.5, metric: str = "flops", *,
+                 epochs: int, seed: float = 0.25, seed_layers: float = 1.0, s0: float = 1.0,
+                 beta_final: float = 200.0, lam: float = 0.5, tol: float = 0.05, lr: float = 0.1,
+                 momentum: float = 0.9, reserve: float = 0.25, layer_drop: float = 0.01):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        self.example_inputs, self.target, self.metric = example_inputs, target, metric
+        self.s0, self.lam0, self.tol, self.lam = s0, lam, tol, 0.0
+        self.reserve, self.layer_drop = reserve, layer_drop
+        self.beta, self.beta_final = 1.0, beta_final
+        self.beta_growth = beta_final ** (1 / (epochs - 1)) if epochs > 1 else 1.0
+        base = copy.deepcopy(model)
+        analysis = analyze(base, example_inputs)
+        budget = Budget(analysis, example_inputs)
+        self.dense = budget.dense[metric]  # the original model's cost: targets are fractions of it
+        costs = budget.unit_costs(metric)
+        self.unit_cost = float(torch.cat([costs[g] for g in budget.groups]).mean())
+        self._build(base, _seed_logits(analysis, seed, seed_layers, s0), analysis, budget)
+        self.gate_optimizer = torch.optim.SGD(self.logits_parameters(), lr=lr, momentum=momentum, nesterov=True,
+                                              weight_decay=0.0)
+
+    def _build(self, base: nn.Module, logits: dict[str, torch.Tensor], analysis: Analysis,
+               budget: Budget | None = None) -> None:
+        """Gate ``base``: ``self.model`` becomes a gated copy whose gate ``key`` starts at ``logits[key]``."""
+        self.base, self.analysis = base, analysis
+        self.budget = budget if budget is not None else Budget(analysis, self.example_inputs)
+        costs = self.budget.unit_costs(self.metric)
+        self._layer_pace = {name: min(1.0, self.unit_cost / max(float(costs[name]), 1e-12))
+                            for name in self.budget.layers}
+        self.model = insert_gates(analysis, lambda key, size: SampledGate(key, logits[key], self.beta),
+                                  groups=gated_groups(analysis))
+        self.model.register_forward_pre_hook(resample)
+
+    def gates(self) -> dict[str, SampledGate]:
+        """The gates of ``ge.model`` by key (group or layer name)."""
+        return {g.key: g for g in gates_of(self.model)}
+
+    def logits_parameters(self) -> list[nn.Parameter]:
+        """The logit vector of every gate."""
+        return [g.weight for g in self.gates().values()]
+
+    def weights(self) -> Iterator[nn.Parameter]:
+        """The parameters of ``ge.model`` other than the logits: give these to the weight optimizer."""
+        logits = {id(p) for p in self.logits_parameters()}
+        return (p for p in self.model.parameters() if id(p) not in logits)
+
+    def probabilities(self) -> dict[str, torch.Tensor]:
+        """sigma(beta * s) of every gate, by key (differentiable)."""
+        return {key: g.probabilities() for key, g in self.gates().items()}
+
+    @torch.no_grad()
+    def masks(self) -> dict[str, torch.Tensor | bool]:
+        """The current architecture: ``s > 0`` per group unit (a bool tensor) and per layer (a bool)."""
+        layers = self.budget.layers
+        out: dict[str, torch.Tensor | bool] = {}
+        for key, g in self.gates().items():
+            keep = g.weight > 0
+            if key in layers:
+                out[key] = bool(keep)
+            else:
+                if not keep.any() and not any(key in layer.groups for layer in self.analysis.layers):
+                    keep[g.weight.argmax()] = True
+                out[key] = keep
+        return out
+
+    @torch.no_grad()
+    def cost(self) -> Cost:
+        """FLOPs (one call on ``example_inputs``) and parameters of the current architecture."""
+        hard = self._hard()
+        return Cost(*(round(float(self.budget.expected(hard, metric))) for metric in ("flops", "params")))
+
+    @torch.no_grad()
+    def fraction(self) -> float:
+        """The current architecture's cost in ``metric`` as a fraction of the original model's."""
+        return float(self.budget.expected(self._hard(), self.metric)) / self.dense
+
+    def _hard(self) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(v, dtype=torch.float) for k, v in self.masks().items()}
+
+    def penalty(self) -> torch.Tensor:
+        """``lam_t * E[cost] / unit_cost``, to add to the loss; updates ``lam_t`` (``ge.lam``) from
+        the gap between the current architecture's cost and the target."""
+        gap = self.fraction() - self.target
+        self.lam = self.lam0 * max(-1.0, min(1.0, gap / self.tol))
+        probs = self.probabilities()
+        for name, pace in self._layer_pace.items():  # same value, gradient scaled by ``pace``
+            probs[name] = probs[name].detach() + (probs[name] - probs[name].detach()) * pace
+        return self.lam * self.budget.expected(probs, self.metric) / self.unit_cost
+
+    def after_epoch(self) -> None:
+        """Multiply ``beta`` by ``beta_growth`` (up to ``beta_final``); call after each epoch."""
+        self.beta = min(self.beta * self.beta_growth, self.beta_final)
+        for g in self.gates().values():
+            g.beta = self.beta
+
+    @torch.no_grad()
+    def report(self) -> str:
+        """A table of every gate: units, units on, mean probability; and the cost fraction."""
+        rows = [(key, g.weight.numel(), int((g.weight > 0).sum()), f"{float(g.probabilities().mean()):.3f}")
+                for key, g in self.gates().items()]
+        table = tabulate(rows, ("gate", "units", "on", "mean p"), tablefmt="simple")
+        summary = f"{self.metric}: {self.fraction():.2%} of dense (target {self.target:.0%}), beta {self.beta:.3g}"
+        return f"{table}\n{summary}"
+
+    @torch.no_grad()
+    def sync(self) -> nn.Module:
+        """Copy the trained weights and buffers of ``ge.model`` into ``ge.base``; returns ``ge.base``."""
+        base = dict(self.base.named_parameters()) | dict(self.base.named_buffers())
+        gated = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        for name, base_name in _base_names(self.model).items():
+            if base_name in base:
+                base[base_name].copy_(gated[name])
+        return self.base
+
+    def compact(self) -> tuple[torch.fx.GraphModule, Mapping]:
+        """The final architecture (``s > 0``) as a dense model with the trained weights, and the
+        mapping of its tensors from ``ge.base``."""
+        return compact_model(self.sync(), self.masks(), self.example_inputs, return_mapping=True)
+
+    @torch.no_grad()
+    def resize(self) -> Mapping:
+        """Physically drop the units and layers that are off (keeping each group's reserve), grow
+        groups whose reserve ran short, and gate the result; ``ge.gate_optimizer`` is carried over.
+        Returns the mapping of the parameters of the previous ``ge.model`` to the new one, for
+        :func:`fxprune.remap_optimizer` of the weight optimizer. The eval-mode function is kept."""
+        old_model, old_analysis, gates = self.model, self.analysis, self.gates()
+        keep, wanted = self._physical_masks(gates)
+        base, mapping = compact_model(self.sync(), keep, self.example_inputs, return_mapping=True)
+        analysis = analyze(base, self.example_inputs)
+        sources = _unit_sources(old_analysis, analysis, mapping)
+        widen = {name: wanted[name] - int((gates[name].weight[src] <= 0).sum()) for name, src in sources.items()}
+        widen = {name: n for name, n in widen.items() if n > 0 and len(sources[name]) >= 2}
+        if widen:
+            base, grown = grow(base, self.example_inputs, widen=widen, init="random", analysis=analysis)
+            mapping = _compose(mapping, grown)
+            analysis = analyze(base, self.example_inputs)
+            sources = _unit_sources(old_analysis, analysis, mapping)
+        candidate = -self.s0 / self.beta
+        logits = {layer.name: gates[layer.name].weight.detach().clone() for layer in analysis.layers}
+        for key, src in sources.items():
+            s = torch.where(src >= 0, gates[key].weight.detach()[src.clamp(min=0)], candidate)
+            logits[key] = torch.where(s > 0, s, s.clamp(min=candidate))  # the reserve stays within reach
+        self._build(base, logits, analysis)
+        self.model.train(old_model.training)
+        mapping = _gated_mapping(old_model, self.model, mapping, sources)
+        self.gate_optimizer = _remap_gates(self.gate_optimizer, old_model, self.model, mapping)
+        return mapping
+
+    def _physical_masks(self, gates: dict[str, SampledGate]) -> tuple[dict, dict[str, int]]:
+        """What :meth:`resize` keeps: masks of the units on plus each group's reserve, and of the
+        layers on or still likely; and the reserve each group wants."""
+        keep: dict = {}
+        for layer in self.analysis.layers:
+            g = gates[layer.name]
+            keep[layer.name] = bool(g.weight > 0) or float(g.probabilities()) >= self.layer_drop
+        dropped = {name for layer in self.analysis.layers if not keep[layer.name] for name in layer.groups}
+        wanted = {}
+        for key, g in gates.items():
+            if key in keep or key in dropped:
+                continue
+            s = g.weight.detach()
+            on = s > 0
+            n_on = int(on.sum())
+            wanted[key] = max(1, 2 - n_on, math.ceil(self.reserve * n_on))  # two units at least: one cannot grow
+            off = (~on).nonzero().flatten()
+            keep[key] = on.clone()
+            keep[key][off[s[off].argsort(descending=True)[:wanted[key]]]] = True
+        return keep, wanted
+
+
+def _seed_logits(analysis: Analysis, seed: float, seed_layers: float, s0: float) -> dict[str, torch.Tensor]:
+    """+s0 for the seed (the first units of each group, evenly spread layers), -s0 elsewhere."""
+    logits = {}
+    for name in gated_groups(analysis):
+        size = analysis.group(name).size
+        logits[name] = torch.where(torch.arange(size) < max(1, math.ceil(seed * size)), s0, -s0)
+    n = len(analysis.layers)
+    on = set(torch.linspace(0, n - 1, math.ceil(seed_layers * n)).round().long().tolist()) if n else set()
+    for i, layer in enumerate(analysis.layers):
+        logits[layer.name] = torch.tensor([s0 if i in on else -s0])
+    return logits
+
+
+def _base_names(gated: nn.Module) -> dict[str, str]:
+    """Name in ``gated`` -> name in the ungated model, for every parameter and buffer outside the
+    gates (a module wrapped in a GatedModule holds its tensors under ``<path>.module.``)."""
+    wrapped = [f"{path}.module." for path, m in gated.named_modules() if isinstance(m, GatedModule)]
+    out = {}
+    for name, _ in [*gated.named_parameters(), *gated.named_buffers()]:
+        if not name.startswith("gates."):
+            inner = next((w for w in wrapped if name.startswith(w)), None)
+            out[name] = name if inner is None else inner[:-len("module.")] + name[len(inner):]
+    return out
+
+
+def _unit_sources(old: Analysis, new: Analysis, mapping: Mapping) -> dict[str, torch.Tensor]:
+    """Per gated group of ``new``: the unit of ``old``'s group of the same name that each of its
+    units comes from (-1: a new unit), read through ``mapping`` (old model -> new model)."""
+    out = {}
+    for name in gated_groups(new):
+        g = new.group(name)
+        m = next(m for m in g.members if m.kind == "param")
+        tm = mapping[m.name]
+        before = next(o for o in old.group(g.name).members
+                      if o.kind == "param" and o.name == tm.source and o.dim == m.dim)
+        unit_at = torch.full((int(before.index.max()) + 1,), -1)
+        unit_at[before.index] = before.unit
+        index = tm.index.get(m.dim)
+        old_index = m.index if index is None else index[m.index]
+        src = torch.full((g.size,), -1)
+        src[m.unit] = torch.where(old_index >= 0, unit_at[old_index.clamp(min=0)], -1)
+        out[g.name] = src
+    return out
+
+
+def _compose(first: Mapping, second: Mapping) -> Mapping:
+    """The mapping of two rewrites in a row: ``first`` (A -> B), then ``second`` (B -> C)."""
+    out = {}
+    for name, tm in second.items():
+        before = first.get(tm.source) if tm.source is not None else None
+        if before is None:
+            out[name] = TensorMap(None)
+            continue
+        index = dict(before.index)
+        for d, idx in tm.index.items():
+            index[d] = torch.where(idx >= 0, before.index[d][idx.clamp(min=0)], -1) if d in before.index else idx
+        out[name] = TensorMap(before.source, index)
+    return out
+
+
+def _gated_mapping(old: nn.Module, new: nn.Module, mapping: Mapping, sources: dict[str, torch.Tensor]) -> Mapping:
+    """The mapping of the parameters of gated model ``old`` to those of gated model ``new``, from
+    ``mapping`` between their ungated models and, per group gate, the old unit of each new unit."""
+    to_old = {b: n for n, b in _base_names(old).items()}
+    to_base = _base_names(new)
+    old_paths = {g.key: path for path, g in old.named_modules() if isinstance(g, Gate)}
+    out = {}
+    for path, m in new.named_modules():
+        if isinstance(m, Gate):
+            source = old_paths.get(m.key)
+            out[f"{path}.weight"] = TensorMap(f"{source}.weight" if source else None,
+                                              {0: sources[m.key]} if m.key in sources else {})
+    for name, _ in new.named_parameters():
+        if name in to_base:
+            tm = mapping[to_base[name]]
+            out[name] = TensorMap(to_old.get(tm.source) if tm.source is not None else None, tm.index)
+    return out
+
+
+def _remap_gates(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module,
+                 mapping: Mapping) -> torch.optim.Optimizer:
+    """``optimizer`` of the gates of gated model ``old`` carried over to those of ``new``: only the
+    ``gates`` submodules are remapped, so that no other parameter can join it."""
+    inner = {name[len("gates."):]: TensorMap(tm.source[len("gates."):] if tm.source else None, tm.index)
+             for name, tm in mapping.items() if name.startswith("gates.")}
+    return remap_optimizer(optimizer, old.gates, new.gates, inner)
