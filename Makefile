@@ -30,6 +30,7 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/compact_speed.py
 	$(PY) benchmarks/sequence_models.py
+	$(PY) benchmarks/latency.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis out

@@ -2,7 +2,9 @@
 
 A BatchNorm in eval mode is an affine map per channel, so where it directly follows a convolution
 or a Linear layer whose output nothing else reads, ``fuse_conv_bn_eval``/``fuse_linear_bn_eval``
-fold it into that layer's weight and bias. Dropout is the identity in eval mode.
+fold it into that layer's weight and bias. Dropout is the identity in eval mode. A
+``MaskedModule`` (units zeroed inside an RNN or an attention) gets its parameter masks multiplied
+into its parameters, so it runs its module directly (as exporters need).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from fxprune.modules.masked import MaskedModule
 
 # layer -> the BatchNorm that normalises its output channels
 FUSABLE = {
@@ -63,6 +67,9 @@ def fuse_for_inference(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             setattr(gm.get_submodule(parent), name, fused)
             node.replace_all_uses_with(layer)
             gm.graph.erase_node(node)
+    for name, module in list(gm.named_modules()):
+        if isinstance(module, MaskedModule) and module.masked_names:
+            gm.set_submodule(name, module.baked())
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

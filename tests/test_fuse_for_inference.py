@@ -151,3 +151,31 @@ def test_compacted_and_masked_resnet18():
         with torch.no_grad():
             assert_close(fused(x), gm(x))
     assert any(n.target is torch.mul for n in fused.graph.nodes)
+
+
+class _LSTMHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(6, 20, batch_first=True), nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_masked_modules_are_baked_and_export(tmp_path):
+    """Units zeroed inside an LSTM (kept by round_to, or by apply_masks) run without
+    functional_call after fusion, with the same outputs, and export to ONNX."""
+    from fxprune.export import to_onnx
+    from fxprune.modules.masked import MaskedModule
+
+    model, x = _LSTMHead().eval(), torch.randn(2, 5, 6)
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[:5] = True
+    for gm in (fxprune.compact(model, {"lstm.hidden_l0": keep}, x, round_to=8),
+               fxprune.apply_masks(model, {"lstm.hidden_l0": keep}, x)):
+        fused = fuse_for_inference(gm)
+        wrapped = [m for m in fused.modules() if isinstance(m, MaskedModule)]
+        assert wrapped and all(not m.masked_names for m in wrapped)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), gm.eval()(x), rtol=1e-5, atol=1e-6)
+        to_onnx(gm, x, tmp_path / "masked.onnx")

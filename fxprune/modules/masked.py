@@ -1,6 +1,7 @@
 """A module run with fixed masks on some of its parameters' entries and on its outputs."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -27,12 +28,25 @@ class MaskedModule(nn.Module):
             if masked:
                 self.register_buffer(f"output_mask_{i}", mask)
 
+    def _masked_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: self.module.get_parameter(name) * getattr(self, f"param_mask_{i}")
+                for i, name in enumerate(self.masked_names)}
+
+    def baked(self) -> "MaskedModule":
+        """A copy whose module holds its masked parameters, with the output masks only: the same
+        outputs, without ``functional_call`` (for inference and export)."""
+        module = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for name, value in self._masked_parameters().items():
+                module.get_parameter(name).copy_(value)
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()
+        masks = [getattr(self, f"output_mask_{i}") if masked else torch.ones(()) for i, masked in enumerate(self.output_masked)]
+        return MaskedModule(module, {}, masks).train(self.training)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        params = {
-            name: self.module.get_parameter(name) * getattr(self, f"param_mask_{i}")
-            for i, name in enumerate(self.masked_names)
-        }
-        out = functional_call(self.module, params, args, kwargs)
+        params = self._masked_parameters()
+        out = functional_call(self.module, params, args, kwargs) if params else self.module(*args, **kwargs)
         if not any(self.output_masked):
             return out
         leaves, spec = tree_flatten(out)
