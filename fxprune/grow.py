@@ -143,24 +143,29 @@ class _Layout:
         return self.cache[key]
 
     def _insertions(self, positions, units, gi, n, where) -> list[tuple[int, torch.Tensor]]:
-        """Per block of the group's indices: the index after which new channels go (that of the
-        group's last channel), and the old indices the new ones copy."""
+        """After each run of indices of the group's last unit: (the run's last index, the old
+        indices the new units copy: for each template unit, its run of the same length in the same
+        block (after the previous run of the last unit), else its nearest one)."""
         g = self.analysis.groups[gi]
-        last = g.size - 1
-        if not bool((units == last).any()):  # a part of the group without its last channel (one direction of an RNN)
-            return []
-        present = torch.unique(units)
-        repeat = int((units == units[0]).cumprod(0).sum())  # consecutive indices of one channel
-        blocks = len(positions) // (len(present) * repeat)
-        grid = units.reshape(blocks, len(present), repeat) if blocks * len(present) * repeat == len(positions) else None
-        if grid is None or not bool((grid == grid[:1, :, :1]).all()) or not bool(torch.isin(self.templates[gi], present).all()):
-            raise GrowError(f"cannot widen group '{g.name}': its channels in {where} are not laid out as "
-                            "blocks of consecutive channels")
-        places = positions.reshape(blocks, len(present), repeat)
-        slot = torch.empty(g.size, dtype=torch.long)
-        slot[grid[0, :, 0]] = torch.arange(len(present))  # unit u sits at places[:, slot[u]]
-        copied = places[:, slot[self.templates[gi]], :]  # (blocks, n, repeat)
-        return [(int(places[b, slot[last], -1]), copied[b].reshape(-1)) for b in range(blocks)]
+        starts = torch.ones(len(units), dtype=torch.bool)  # a run: consecutive indices of one unit
+        starts[1:] = (units[1:] != units[:-1]) | (positions[1:] != positions[:-1] + 1)
+        first = starts.nonzero().flatten()
+        end = torch.cat([first[1:], torch.tensor([len(units)])])
+        run_unit, length = units[first], end - first
+        out, previous = [], -1
+        for r in (run_unit == g.size - 1).nonzero().flatten().tolist():
+            sources = []
+            for t in self.templates[gi].tolist():
+                same = ((run_unit == t) & (length == length[r])).nonzero().flatten()
+                if not len(same):
+                    raise GrowError(f"cannot widen group '{g.name}': in {where} its channel {t} has no run of "
+                                    f"{int(length[r])} indices like channel {g.size - 1}")
+                block = same[(same > previous) & (same < r)]  # in the same block (an LSTM's gate block)
+                c = block[-1] if len(block) else same[torch.argmin((same - r).abs() * 2 + (same > r).long())]
+                sources.append(positions[first[c]:end[c]])
+            out.append((int(positions[end[r] - 1]), torch.cat(sources)))
+            previous = r
+        return out
 
 
 def _grown_tensors(analysis: Analysis, layout: _Layout, init: str, generator: torch.Generator):

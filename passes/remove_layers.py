@@ -48,16 +48,20 @@ def remove_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
     if not layers:
         return
     nodes = {n.name: n for n in gm.graph.nodes}
+    now = {}  # a removed add -> the name of the node that stands for it (its skip)
     attributes = set()
     for layer in layers:
-        if layer.add not in nodes or nodes[layer.add].name != layer.add:  # inside a layer removed before
+        if layer.add not in nodes:  # inside a layer removed before
             continue
-        add, skip = nodes[layer.add], nodes[layer.skip]
+        skip = layer.skip
+        while skip in now:  # the skip was itself the add of a layer removed before
+            skip = now[skip]
+        add = nodes.pop(layer.add)
         for user in add.users:  # they wrote into the add's fresh result; the skip is shared
             _out_of_place(gm, user)
-        add.replace_all_uses_with(skip)
+        add.replace_all_uses_with(nodes[skip])
         gm.graph.erase_node(add)
-        nodes[layer.add] = skip  # a later layer whose skip input was this add reads the skip now
+        now[layer.add] = skip
         for name in reversed(layer.nodes):
             node = nodes.pop(name, None)
             if node is not None:
