@@ -29,7 +29,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import CheckpointError
-from .trace import RECORDED
+from .trace import LAYER_NAME, RECORDED
 
 FORMAT, VERSION = "fxprune", 1
 
@@ -248,7 +248,7 @@ def save(model: torch.fx.GraphModule, path: PathLike) -> None:
 
     Everything is checked before the file is written: a node calling a function, or a module of a
     class, outside fxprune's allow-list, or a module with forward or backward hooks, raises
-    :class:`CheckpointError` naming the node or module. Of node ``meta`` only ``nn_module_stack`` is
+    :class:`CheckpointError` naming the node or module. Of node ``meta`` only ``nn_module_stack`` and the layer name are
     kept (class names as strings, as ``torch.export`` stores them), of annotations only plain types,
     of ``model.meta`` only plain-JSON entries.
     """
@@ -268,7 +268,8 @@ def save(model: torch.fx.GraphModule, path: PathLike) -> None:
         where = f"node '{n.name}'"
         nodes.append({"op": n.op, "name": n.name, "target": w.value(n.target, where),
                       "args": w.value(n.args, where), "kwargs": w.value(n.kwargs, where),
-                      "type": _type_name(n.type), "module_stack": _module_stack(n)})
+                      "type": _type_name(n.type), "module_stack": _module_stack(n),
+                      "layer": n.meta.get(LAYER_NAME)})
     meta = {k: v for k, v in model.meta.items() if isinstance(k, str) and _is_plain_json(v)}
     spec = {"class_name": type(model).__name__, "graph": nodes, "modules": modules,
             "parameters": w.parameters, "checksums": w.checksums, "meta": meta}
@@ -360,6 +361,8 @@ class _Reader:
                 raise CheckpointError(f"node name {name!r} is invalid or repeated")
             if spec["module_stack"] is not None:
                 node.meta["nn_module_stack"] = {str(k): (str(path), str(cls)) for k, path, cls in spec["module_stack"]}
+            if spec.get("layer") is not None:
+                node.meta[LAYER_NAME] = str(spec["layer"])
             self.nodes[name] = node
         return graph
 

@@ -28,7 +28,7 @@ from .errors import GrowError
 from .labels import compress
 from .layers import Layer
 from .mapping import Mapping, TensorMap, rewrite_mapping
-from .trace import propagate_shapes
+from .trace import LAYER_NAME, propagate_shapes
 
 READS = ("in", "read")  # roles whose new entries decide whether anything sees a new channel
 INITS = ("random", "split")
@@ -264,6 +264,7 @@ def _copy_branch(gm, nodes, layer: Layer, add, block: str, path: str) -> tuple[t
         n = nodes[name]
         with gm.graph.inserting_after(last):
             copy_ = gm.graph.node_copy(n, lambda a: env.get(a, a))
+        copy_.meta.pop(LAYER_NAME, None)  # a layer inside the copy gets a name of its own
         if n.op in ("call_module", "get_attr"):
             copy_.target = renamed.setdefault(n.target, _copy_target(gm, n, block, path))
         env[n] = last = copy_

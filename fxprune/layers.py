@@ -13,7 +13,10 @@ import networkx as nx
 import torch
 import torch.fx
 
+from .trace import LAYER_NAME
+
 ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
+IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 @dataclass
@@ -35,7 +38,8 @@ class Layer:
 
 def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list[Layer]:
     """Every residual branch of ``gm``, in graph order, named after the module that holds it
-    (``taken``: names already used, such as group names)."""
+    (``taken``: names already used, such as group names). The name is recorded on the add node, so
+    that the rewritten models derived from ``gm`` keep it."""
     graph = nx.DiGraph((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
     graph.add_nodes_from(gm.graph.nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -48,19 +52,38 @@ def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list
         x, y = add.args[:2]
         for skip, out in ((x, y), (y, x)):
             nodes = _branch(graph, order, live, add, skip, out)
-            if nodes and _has_parameters(gm, nodes):
+            writes_skip = any(in_place(gm, n) and n.args[:1] == (skip,) for n in nodes)  # removal would undo it
+            if nodes and _has_parameters(gm, nodes) and not writes_skip:
                 found.append((add, skip, out, nodes))
                 break
     blocks = [_block(add, nodes) for add, _, _, nodes in found]
     used, layers = set(taken), []
     for (add, skip, out, nodes), block in zip(found, blocks):
-        name = block or add.name
-        if block and blocks.count(block) > 1:  # a block with several branches (a transformer layer)
-            first = next(o for o in map(_owner, nodes) if o is not None and o != block)
-            name = f"{block}:{first[len(block) + 1:].split('.')[0]}"
-        layers.append(Layer(_unique(name, used), add.name, skip.name, out.name, [n.name for n in nodes],
+        name = add.meta.get(LAYER_NAME)  # named before this model was rewritten: keep the name
+        if name is None:
+            name = block or add.name
+            if block and blocks.count(block) > 1:  # a block with several branches (a transformer layer)
+                first = next(o for o in map(_owner, nodes) if o is not None and o != block)
+                name = f"{block}:{first[len(block) + 1:].split('.')[0]}"
+            name = _unique(name, used)
+            add.meta[LAYER_NAME] = name
+        used.add(name)
+        layers.append(Layer(name, add.name, skip.name, out.name, [n.name for n in nodes],
                             list(dict.fromkeys(n.target for n in nodes if n.op == "call_module")), []))
     return layers
+
+
+def in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into its first input (relu(inplace=True), x.add_(y), x += y)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace")) or node.target in IN_PLACE_OPERATORS or (
+            name.endswith("_") and not name.startswith("_"))
+    return False
 
 
 def _is_add(node: torch.fx.Node) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 import contextlib
+import difflib
 import copy
 import io
 import itertools
@@ -64,6 +65,10 @@ class _Tracer(torch.fx.Tracer):
             raise
 
 
+LAYER_NAME = "fxprune_layer"  # node meta: the name of the removable layer this add closes
+KEPT_META = ("nn_module_stack", LAYER_NAME)
+
+
 def as_tuple(example_inputs: Any) -> tuple:
     """Example inputs as a tuple of positional arguments."""
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -105,13 +110,15 @@ def trace(
 
 
 def _keep_module_stacks(before: torch.fx.Graph, after: torch.fx.Graph) -> None:
-    """Re-tracing a GraphModule forgets which module each node was computed in (layer names come
-    from it): copy the record over where the two graphs hold the same nodes."""
-    pairs = list(zip(before.nodes, after.nodes))
-    if len(before.nodes) == len(after.nodes) and all((a.op, a.target) == (b.op, b.target) for a, b in pairs):
-        for a, b in pairs:
-            if "nn_module_stack" in a.meta:
-                b.meta["nn_module_stack"] = a.meta["nn_module_stack"]
+    """Re-tracing a GraphModule forgets which module each node was computed in and the names of
+    its layers: copy those records over where the two graphs hold the same nodes."""
+    old, new = list(before.nodes), list(after.nodes)
+    key = lambda n: (n.op, n.target if isinstance(n.target, str) else id(n.target))  # noqa: E731
+    # FX drops unused attribute reads when it traces generated code again: align the two sequences
+    matcher = difflib.SequenceMatcher(None, [key(n) for n in old], [key(n) for n in new], autojunk=False)
+    for i, j, size in matcher.get_matching_blocks():
+        for a, b in zip(old[i:i + size], new[j:j + size]):
+            b.meta.update({k: a.meta[k] for k in KEPT_META if k in a.meta})
 
 
 @contextlib.contextmanager

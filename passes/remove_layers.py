@@ -5,12 +5,10 @@ erases the branch, then the modules and attributes that only it used.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
-from fxprune.layers import Layer
+from fxprune.layers import Layer, in_place
 
 
 def zero_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
@@ -24,22 +22,6 @@ def zero_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
         nodes[layer.add].replace_input_with(out, zero)
     gm.graph.lint()
     gm.recompile()
-
-
-IN_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-            operator.itruediv: operator.truediv}
-
-
-def _out_of_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
-    """Make ``node`` leave its input unchanged (relu(inplace=True) -> relu, x.add_(y) -> x.add(y))."""
-    if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
-        gm.get_submodule(node.target).inplace = False  # the same result, written to a new tensor
-    elif node.kwargs.get("inplace"):
-        node.kwargs = {**node.kwargs, "inplace": False}
-    elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-        node.target = node.target[:-1]
-    elif node.target in IN_PLACE:
-        node.target = IN_PLACE[node.target]
 
 
 def remove_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
@@ -57,9 +39,12 @@ def remove_layers(gm: torch.fx.GraphModule, layers: list[Layer]) -> None:
         while skip in now:  # the skip was itself the add of a layer removed before
             skip = now[skip]
         add = nodes.pop(layer.add)
-        for user in add.users:  # they wrote into the add's fresh result; the skip is shared
-            _out_of_place(gm, user)
-        add.replace_all_uses_with(nodes[skip])
+        stand_in = nodes[skip]
+        if any(in_place(gm, user) for user in add.users):  # it wrote into the add's fresh result: keep one
+            with gm.graph.inserting_before(add):
+                stand_in = gm.graph.call_method("clone", (stand_in,))
+            stand_in.meta["tensor_meta"] = add.meta.get("tensor_meta")
+        add.replace_all_uses_with(stand_in)
         gm.graph.erase_node(add)
         now[layer.add] = skip
         for name in reversed(layer.nodes):
