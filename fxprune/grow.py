@@ -24,7 +24,7 @@ from fxprune.passes.slice_parameters import replace_tensors
 
 from .analysis import Analysis, analyze
 from .compact import verify_shapes
-from .errors import GrowError
+from .errors import CompactError, GrowError, TraceError
 from .labels import compress
 from .layers import Layer
 from .mapping import Mapping, TensorMap, rewrite_mapping
@@ -58,12 +58,19 @@ def grow(model: nn.Module, example_inputs: Any, widen: MappingType[str, int] | N
     shapes = Shapes(analysis.labels, layout.of_labels)
     resize_modules(gm, analysis.gm, shapes)
     rewrite_shapes(gm, shapes)
-    verify_shapes(gm, shapes, example_inputs)
+    try:
+        verify_shapes(gm, shapes, example_inputs)
+    except CompactError as e:  # a layout the placement rule does not cover (a unit split across tensors)
+        raise GrowError(f"cannot widen {', '.join(repr(analysis.groups[gi].name) for gi in added)}: {e}") from e
     mapping = rewrite_mapping(gm, analysis.gm, {name: index for name, (_, index) in grown.items()}, analysis.space.aliases)
     for name, template in (insert or {}).items():
         _insert_block(gm, _layer(analysis, name), template, mapping)
     if insert:
-        propagate_shapes(gm, example_inputs, owned=True)
+        try:
+            propagate_shapes(gm, example_inputs, owned=True)
+        except TraceError as e:
+            raise GrowError(f"the blocks inserted after {', '.join(map(repr, insert))} do not keep the shape of "
+                            f"their layer's output: {e}") from e
     return gm, mapping
 
 
@@ -183,6 +190,10 @@ def _grown_tensors(analysis: Analysis, layout: _Layout, init: str, generator: to
         if not grown:
             continue
         t = tensors[owner].detach()
+        both = [d for d, v in grown.items() if "out" in v[2] and v[2] & set(READS)]
+        if init == "split" and both:  # halving its reads would halve what it produces (tied weights)
+            raise GrowError(f"init='split' cannot widen '{owner}' (dim {both[0]}): the same entries produce and "
+                            "read the new channels (tied weights); use init='random'")
         # producers' entries first, readers' last: an entry both produces and reads a new channel is a read
         for d, (index, source, roles) in sorted(grown.items(), key=lambda kv: bool(kv[1][2] & set(READS))):
             t = _grow_dim(t, d, index, source, roles, init, generator)
@@ -257,7 +268,9 @@ def _insert_block(gm: torch.fx.GraphModule, layer: Layer, template: "str | nn.Mo
 def _copy_branch(gm, nodes, layer: Layer, add, block: str, path: str) -> tuple[torch.fx.Node, bool]:
     """Copy the branch's nodes after ``add``, reading ``add`` where they read the skip; modules are
     copied under ``path`` and re-initialised. Returns the copy's output and whether it is zeroed."""
-    env = {nodes[layer.skip]: add}
+    out_node = nodes[layer.branch_out]
+    skip = next(a for a in add.args[:2] if a is not out_node)  # a block inserted before may stand there now
+    env = {skip: add}
     renamed: dict[str, str] = {}
     last = add
     for name in layer.nodes:

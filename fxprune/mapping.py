@@ -28,13 +28,13 @@ class TensorMap:
         if old is None or self.source is None:
             return torch.full(shape, fill, dtype=old.dtype if old is not None else torch.float32,
                               device=old.device if old is not None else None)
-        out = old.detach()
-        for dim, idx in sorted(self.index.items()):
+        out = old.detach().clone() if not self.index else old.detach()
+        for dim, idx in sorted(self.index.items()):  # index_select writes new storage
             idx = idx.to(out.device)
-            taken = out.index_select(dim, idx.clamp(min=0))
+            out = out.index_select(dim, idx.clamp(min=0))
             new = (idx < 0).reshape([-1 if d == dim else 1 for d in range(out.dim())])
-            out = taken.masked_fill(new, fill) if bool((idx < 0).any()) else taken
-        return out.clone() if out is old else out
+            out = out.masked_fill(new, fill) if bool((idx < 0).any()) else out
+        return out
 
 
 Mapping = dict[str, TensorMap]  # by qualified name in the new model (every name of a tied tensor)
