@@ -31,6 +31,7 @@ bench: venv
 	$(PY) benchmarks/compact_speed.py
 	$(PY) benchmarks/sequence_models.py
 	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/methods.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis out

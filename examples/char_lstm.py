@@ -6,13 +6,20 @@ scored by the norm of their gate weights and the weakest are removed; the compac
 checked against fxprune's reference semantics (``apply_masks``) on the whole validation
 split, then compared with the original for perplexity, size, FLOPs and CPU latency.
 
+With ``--method single-shot`` the units (hidden units and embedding dims) are chosen before any
+training instead, by SingleShot's loss sensitivity per FLOP on one batch, until the model keeps
+the fraction ``--keep`` of its FLOPs; the compact model is then trained from scratch for as many
+steps as the original.
+
     python examples/char_lstm.py                          # pydoc topics, keep half the units
     python examples/char_lstm.py --keep 0.25 --finetune 0
+    python examples/char_lstm.py --method single-shot     # half the FLOPs, chosen at initialisation
     python examples/char_lstm.py --text my_book.txt --steps 3000
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -26,10 +33,12 @@ from tqdm import tqdm
 
 import fxprune
 from fxprune import data
+from fxprune.methods import SingleShot
 
 from common import TOLERANCE, finish, latencies, ms, parse, pruning_arguments, ratio, seed_everything, table  # examples/common.py
 
 Masks = dict[str, torch.Tensor]
+METHODS = ("magnitude", "single-shot")
 
 
 # --------------------------------------------------------------------------- model
@@ -53,6 +62,11 @@ class CharLSTM(nn.Module):
 # --------------------------------------------------------------------------- training and evaluation
 
 
+def next_char_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``(N, T, vocab)`` logits against ``(N, T)`` next characters, over all positions."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
 def _batches(dataset: TensorDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled batches of ``dataset``, epoch after epoch, forever."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size)
@@ -72,7 +86,7 @@ def train(model: nn.Module, dataset: TensorDataset, steps: int, lr: float = 3e-3
     running = None
     for step in bar:
         x, y = next(batches)
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = next_char_loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -90,7 +104,7 @@ def perplexity(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) 
     model.eval()
     total, count = 0.0, 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        total += nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        total += next_char_loss(model(x), y, reduction="sum").item()
         count += y.numel()
     return math.exp(total / count)
 
@@ -175,6 +189,14 @@ def lstm_masks(analysis: fxprune.Analysis, model: nn.Module, keep: float) -> Mas
     return masks
 
 
+def single_shot(model: nn.Module, corpus: data.CharCorpus, batch_size: int, keep: float) -> tuple[SingleShot, Masks]:
+    """SingleShot for ``model`` (untrained) and its masks, from one batch of training sequences: the
+    units of every prunable group (the embedding dims and each LSTM layer's hidden units) with the
+    lowest loss sensitivity per FLOP go until the model keeps the fraction ``keep`` of its FLOPs."""
+    ss = SingleShot(model, corpus.val.tensors[0][:1])
+    return ss, ss.masks(next(_batches(corpus.train, batch_size)), next_char_loss, target=keep, metric="flops")
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -205,26 +227,44 @@ class Result:
 
 def run(corpus: data.CharCorpus, hidden: int = 256, embed: int = 64, layers: int = 2, dropout: float = 0.0,
         steps: int = 500, batch_size: int = 32, lr: float = 5e-3, keep: float = 0.5, finetune: int = 100,
-        seed: int = 0, timing_repeats: int = 20, log: Callable[[str], None] = print) -> Result:
-    """Train, prune LSTM hidden units by magnitude, compact, check exactness, optionally fine-tune
-    the compact model, and compare before/after."""
+        seed: int = 0, timing_repeats: int = 20, method: str = "magnitude",
+        log: Callable[[str], None] = print) -> Result:
+    """Train, prune, compact, check exactness, optionally fine-tune the compact model, and compare
+    before/after. ``method="magnitude"`` prunes the trained model's LSTM hidden units by
+    :func:`lstm_masks` (``keep``: the fraction of each layer's units); ``"single-shot"`` chooses units
+    in the untrained model by :func:`single_shot` (``keep``: the fraction of FLOPs) and trains the
+    compact model, re-initialised, for ``steps`` (``finetune`` is then not used)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     seed_everything(seed)
     model = CharLSTM(len(corpus.vocab), embed, hidden, layers, dropout)
+    initial = copy.deepcopy(model) if method == "single-shot" else None
     val_x = corpus.val.tensors[0]
     x_example = val_x[:1]
     log(f"corpus: {len(corpus.train)} train / {len(corpus.val)} validation sequences of "
         f"{val_x.shape[1]} characters, vocabulary of {len(corpus.vocab)}")
     train(model, corpus.train, steps, lr, batch_size)
 
-    analysis = fxprune.analyze(model, x_example)
+    if method == "magnitude":
+        analysis = fxprune.analyze(model, x_example)
+        masks = lstm_masks(analysis, model, keep)
+        reference = fxprune.apply_masks(model, masks, x_example, analysis=analysis).eval()
+        small = fxprune.compact(model, masks, x_example, analysis=analysis).eval()
+    else:
+        ss, masks = single_shot(initial, corpus, batch_size, keep)
+        analysis = ss.analysis
+        reference = fxprune.apply_masks(initial, masks, x_example, analysis=analysis).eval()
+        small = ss.compact(masks).eval()
     log("\nchannel groups:\n" + str(analysis) + "\n")
-    masks = lstm_masks(analysis, model, keep)
-    reference = fxprune.apply_masks(model, masks, x_example, analysis=analysis).eval()
-    small = fxprune.compact(model, masks, x_example, analysis=analysis).eval()
 
     max_abs_diff, error = max_differences(reference, small, corpus.val)
     log(f"exactness: max |apply_masks - compact| = {max_abs_diff:.2e} ({error:.2e} of the largest logit) "
-        f"on {len(corpus.val)} validation sequences (tolerance {TOLERANCE:.0e} relative)")
+        f"on {len(corpus.val)} validation sequences (tolerance {TOLERANCE:.0e} relative)"
+        + (", at initialisation" if method == "single-shot" else ""))
+    if method == "single-shot":
+        small = train(ss.compact(masks, reinit=True), corpus.train, steps, lr, batch_size,
+                      desc="train compact from scratch")
+        finetune = 0  # it trained as long as the original: nothing to fine-tune
 
     ppl = {"original": perplexity(model, corpus.val), "compact": perplexity(small, corpus.val)}
     cost_before, cost_after = fxprune.cost(model, x_example), fxprune.cost(small, x_example)
@@ -261,22 +301,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per training step (default 32)")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3; fine-tuning uses a third)")
-    pruning_arguments(parser, "fraction of each LSTM layer's hidden units to keep")
-    parser.add_argument("--finetune", type=int, default=100, help="steps to fine-tune the compact model (0: none)")
+    parser.add_argument("--method", choices=METHODS, default="magnitude",
+                        help="magnitude: prune the trained model; single-shot: choose units before training")
+    pruning_arguments(parser, "magnitude: fraction of each LSTM layer's hidden units to keep; "
+                              "single-shot: fraction of the FLOPs to keep")
+    parser.add_argument("--finetune", type=int, default=100,
+                        help="steps to fine-tune the compact model (0: none; magnitude only)")
     parser.add_argument("--sample", type=int, default=200, help="characters of generated text to show (0: none)")
     args = parse(parser, argv)
 
     start = time.perf_counter()
     corpus = data.char_corpus(path=args.text, seq_len=args.seq_len, max_chars=args.max_chars)
     result = run(corpus, hidden=args.hidden, dropout=args.dropout, steps=args.steps, batch_size=args.batch_size,
-                 lr=args.lr, keep=args.keep, finetune=args.finetune, seed=args.seed)
+                 lr=args.lr, keep=args.keep, finetune=args.finetune, seed=args.seed, method=args.method)
     kept = {name: f"{int(m.sum())}/{len(m)}" for name, m in result.masks.items()}
-    print(f"\npruned LSTM hidden units by gate-weight magnitude, kept {kept} (--keep {args.keep}); "
-          f"{torch.get_num_threads()} CPU threads\n")
+    how = ("LSTM hidden units by gate-weight magnitude" if args.method == "magnitude"
+           else f"units by SingleShot before training, then trained the compact model for {args.steps} steps")
+    print(f"\npruned {how}, kept {kept} (--keep {args.keep}); {torch.get_num_threads()} CPU threads\n")
     print(table(result.rows, result.headers))
     if args.sample > 0:
         prompt = "The " if set("The ") <= set(corpus.vocab) else corpus.decode(corpus.val.tensors[0][0, :1])
-        pruned = "compact, fine-tuned" if args.finetune > 0 else "compact"
+        pruned = "compact, fine-tuned" if "fine-tuned" in result.perplexity else "compact"
         for name, model in [("original", result.model), (pruned, result.compact)]:
             print(f"\nsample from the {name} model:\n"
                   + sample(model, corpus, prompt, args.sample, context=args.seq_len, seed=args.seed))

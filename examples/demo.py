@@ -1,162 +1,168 @@
-"""Train a small residual CNN, prune its channels by filter magnitude, and compact it.
+"""Grow and prune a residual CNN while it trains (GrowEfficient), then compare it with the dense one.
 
-The pruned model is checked against fxprune's reference semantics (``apply_masks``) on the
-whole test set, then compared with the original for size, FLOPs, CPU latency and accuracy.
+GrowEfficient starts from a seed of a quarter of every group's channels, grows and prunes channels
+and residual blocks with sampled gates toward a FLOPs budget, and resizes the model physically as
+it goes (``fxprune.methods.fit``); the final architecture is compacted, without fine-tuning. A
+dense copy trains with the same optimizer, batches and epochs. The table compares the two
+(parameters, FLOPs, CPU latency, test accuracy, training FLOPs and time); the compact model is
+checked against the method's gated model with hard gates in eval mode on the whole test set; the
+FLOPs and accuracy over training are saved as a PNG.
 
-    python examples/demo.py                       # MNIST-1D, 1-D ResNet
-    python examples/demo.py --dataset digits      # scikit-learn digits, 2-D ResNet
-    python examples/demo.py --keep 0.25 --finetune 0
+    python examples/demo.py                          # MNIST-1D, 1-D ResNet, 50% of the dense FLOPs
+    python examples/demo.py --dataset digits         # scikit-learn digits, 2-D ResNet
+    python examples/demo.py --method single-shot     # choose channels at initialisation, then train
+    python examples/demo.py --method dst             # Dynamic Sparse Training of whole filters
+    python examples/demo.py --data-path ~/data/cifar-10-batches-py --epochs 30   # your images
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
 import fxprune
-from fxprune import data
+from fxprune.methods import DST, GrowEfficient, SingleShot, fit
+from fxprune.methods.train import Record
 
 from common import (  # examples/common.py
-    TOLERANCE, finish, latencies, max_relative_error, ms, parse, pruning_arguments, ratio, seed_everything, table,
+    TOLERANCE, Task, accuracy, finish, latencies, load_task, max_relative_error, ms, parse, predict, ratio,
+    run_arguments, seed_everything, table,
 )
+from common import build_model  # noqa: F401  (re-exported: the model is also known as examples/demo.py:build_model)
 
-Masks = dict[str, torch.Tensor]
-
-
-# --------------------------------------------------------------------------- model
-
-
-class ResidualBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a shortcut (identity, or a strided 1x1 conv-BN projection)."""
-
-    def __init__(self, conv: type[nn.Module], norm: type[nn.Module], c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = norm(c_out)
-        self.conv2 = conv(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = norm(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-def build_model(spatial_dims: int = 1, in_channels: int = 1, num_classes: int = 10,
-                width: int = 32, blocks: int = 3) -> nn.Sequential:
-    """A small ResNet: stem conv, ``blocks`` identity blocks, one downsampling block (2x width),
-    global average pool and a linear classifier. ``spatial_dims`` is 1 (signals) or 2 (images)."""
-    conv = {1: nn.Conv1d, 2: nn.Conv2d}[spatial_dims]
-    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[spatial_dims]
-    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}[spatial_dims]
-    return nn.Sequential(
-        conv(in_channels, width, 5 if spatial_dims == 1 else 3, padding="same", bias=False),
-        norm(width),
-        nn.ReLU(),
-        *[ResidualBlock(conv, norm, width, width) for _ in range(blocks)],
-        ResidualBlock(conv, norm, width, 2 * width, stride=2),
-        pool(1),
-        nn.Flatten(),
-        nn.Linear(2 * width, num_classes),
-    )
-
-
-# --------------------------------------------------------------------------- data and training
+METHODS = ("grow-efficient", "single-shot", "dst")
+PLOT = Path(__file__).resolve().parent.parent / "out" / "demo_training.png"
 
 
 @dataclass
-class Task:
-    """A named dataset, and the number of spatial dims of the model that fits it."""
+class Settings:
+    """How every method trains (one optimizer, batch size and number of epochs for all), and each
+    method's own parameters. The defaults suit the 1-D ResNet on MNIST-1D."""
 
-    name: str
-    train: TensorDataset
-    test: TensorDataset
-    spatial_dims: int
-
-
-def load_task(name: str) -> Task:
-    """``"mnist1d"`` ((N, 1, 40) signals, generated offline) or ``"digits"`` ((N, 1, 8, 8) images)."""
-    if name == "mnist1d":
-        return Task(name, *data.mnist1d(), spatial_dims=1)
-    if name == "digits":
-        return Task(name, *data.digits(), spatial_dims=2)
-    raise ValueError(f"unknown dataset {name!r}")
-
-
-def train(model: nn.Module, dataset: TensorDataset, epochs: int, lr: float = 3e-3,
-          batch_size: int = 128, desc: str = "train") -> nn.Module:
-    """Train ``model`` in place with Adam and cross-entropy (cosine learning-rate decay)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
-    model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stdout, leave=True, dynamic_ncols=True)
-    for _ in bar:
-        total = 0.0
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(x)
-        bar.set_postfix(loss=f"{total / len(loader.dataset):.3f}")
-    return model.eval()
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1  # SGD with momentum and weight decay
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    cosine: bool = True  # cosine decay of the learning rate over all steps (else constant)
+    target: float = 0.5  # GrowEfficient and SingleShot: FLOPs as a fraction of the dense model's
+    grow_efficient: dict[str, float] = field(
+        default_factory=lambda: {"seed": 0.25, "reserve": 0.15, "beta_final": 20.0, "tol": 0.01})
+    resize_every: int = 50  # GrowEfficient: steps between physical resizes
+    alpha: float = 3e-4  # DST: weight of the threshold penalty
+    structured: bool = True  # DST: whole filters (False: single weights, as in the paper)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, dataset: TensorDataset, batch_size: int = 1000) -> torch.Tensor:
-    """Logits of ``model`` (in eval mode) on the whole of ``dataset``."""
-    model.eval()
-    return torch.cat([model(x) for x, _ in DataLoader(dataset, batch_size=batch_size)])
+@dataclass
+class Check:
+    """The final model against the method's own model with hard gates, in eval mode."""
+
+    reference: str  # what the final model was compared with
+    error: float  # max |reference - final| / max |reference| over the test set
+    exact: bool  # whether the method promises equality here
+    note: str = ""
+
+    def __str__(self) -> str:
+        verdict = ("equal" if self.error < TOLERANCE else "NOT EQUAL") if self.exact else "not expected to be equal"
+        text = f"compact model vs {self.reference}: max relative difference {self.error:.2e} ({verdict}"
+        return text + (f": {self.note})" if self.note else ")")
 
 
-def accuracy(logits: torch.Tensor, dataset: TensorDataset) -> float:
-    """Fraction of samples whose arg-max logit is the label."""
-    return (logits.argmax(1) == dataset.tensors[1]).float().mean().item()
+@dataclass
+class Run:
+    """One training run: the final model and what it cost."""
+
+    method: str
+    model: nn.Module  # the final model, compacted where the method can be
+    history: list[Record]
+    accuracy: float  # on the test set
+    cost: fxprune.Cost  # of the final model on one sample
+    train_flops: float  # spent training (fit's count: 3 forward passes per sample and step)
+    seconds: float  # wall-clock of training, the method's setup included
+    cpu_seconds: float  # CPU time of this process over the same span
+    check: Check | None = None
+    density: float | None = None  # DST: the fraction of the masked layers' weights that stay
+    report: str = ""  # the method's own summary: gates, thresholds or kept channels
 
 
-# --------------------------------------------------------------------------- pruning
+def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: int = 0,
+          plot: str | Path | None = None, progress: bool = True, test_each_epoch: bool = True) -> Run:
+    """Train ``method`` ("dense" or one of :data:`METHODS`) from ``model``, which is left as it is, with
+    :func:`fxprune.methods.fit`; ``seed`` orders the batches. The final model is compared with the
+    method's gated model with hard gates (GrowEfficient: the gates ``s > 0``; DST: the masked weights;
+    SingleShot: ``apply_masks`` of its masks, before training) on the test set."""
+    if method not in ("dense", *METHODS):
+        raise ValueError(f"method must be 'dense' or one of {METHODS}, got {method!r}")
+    loader = DataLoader(task.train, batch_size=settings.batch_size, shuffle=True,
+                        drop_last=len(task.train) > settings.batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+    test = DataLoader(task.test, batch_size=1000)
+    x = task.test.tensors[0][:1]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if method == "grow-efficient":
+        trainee = GrowEfficient(model, x, target=settings.target, metric="flops", epochs=settings.epochs,
+                                **settings.grow_efficient)
+        trainee.resize()  # train at the seed's physical size from the first step
+        weights = trainee.weights()
+    elif method == "dst":
+        trainee = DST(model, alpha=settings.alpha, structured=settings.structured)
+        weights = trainee.model.parameters()
+    elif method == "single-shot":
+        ss = SingleShot(model, x)
+        # the first batch the training loader draws
+        batch = next(iter(DataLoader(task.train, batch_size=settings.batch_size, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed))))
+        masks = ss.masks(batch, F.cross_entropy, target=settings.target, metric="flops")
+        trainee = ss.compact(masks, reinit=True)  # trained from scratch, as in the paper
+        weights = trainee.parameters()
+    else:
+        trainee = copy.deepcopy(model)
+        weights = trainee.parameters()
+    optimizer = torch.optim.SGD(weights, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs * len(loader))] \
+        if settings.cosine else []
+    result = fit(trainee, loader, settings.epochs, optimizer, schedulers=schedulers,
+                 resize_every=settings.resize_every, test_data=test if test_each_epoch else None, plot=plot,
+                 progress=progress)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    final = result.model.eval()
+    check = density = None
+    report = ""
+    if method == "grow-efficient":
+        check = _grow_efficient_check(trainee, final, task)
+        report = trainee.report()
+    elif method == "single-shot":  # the pruning step, on the untrained model
+        reference = fxprune.apply_masks(model, masks, x, analysis=ss.analysis)
+        error = max_relative_error(predict(reference, task.test), predict(ss.compact(masks), task.test))
+        check = Check("apply_masks of its masks, at initialisation", error, exact=True)
+        report = "kept channels: " + ", ".join(f"{k} {int(m.sum())}/{len(m)}" for k, m in masks.items())
+    elif method == "dst":
+        error = max_relative_error(predict(trainee.finalize(), task.test), predict(final, task.test))
+        check = Check("the trained model with its masks", error, exact=True)
+        density, report = trainee.density(), trainee.report()
+    return Run(method, final, result.history, accuracy(predict(final, task.test), task.test),
+               fxprune.cost(final, x), result.history[-1].train_flops, seconds, cpu_seconds, check, density, report)
 
 
-def unit_scores(group: fxprune.ChannelGroup, model: nn.Module) -> torch.Tensor:
-    """Score each unit of ``group`` by the summed L2 norm of its producers' output filters.
-
-    A producer's output filters are the slices along dim 0 of its ``weight`` (or of the tensor
-    itself, for a parameter used directly); units fed by several producers (e.g. the channels
-    of a residual stream) add up the norms of all their filters.
-    """
-    params = dict(model.named_parameters())
-    filters = {f"{p}.weight" for p in group.producers} | set(group.producers)
-    scores = torch.zeros(group.size)
-    for m in group.members:
-        if m.kind == "param" and m.dim == 0 and m.name in filters and m.name in params:
-            w = params[m.name].detach()[m.index]
-            scores.index_add_(0, m.unit, w.reshape(len(m.index), -1).norm(dim=1))
-    return scores
-
-
-def magnitude_masks(analysis: fxprune.Analysis, model: nn.Module, keep: float) -> Masks:
-    """For every prunable group, keep the ``keep`` fraction (at least one) of highest-scoring units."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    masks = {}
-    for g in analysis.groups:
-        if g.prunable:
-            n = max(1, round(keep * g.size))
-            mask = torch.zeros(g.size, dtype=torch.bool)
-            mask[unit_scores(g, model).topk(n).indices] = True
-            masks[g.name] = mask
-    return masks
+def _grow_efficient_check(ge: GrowEfficient, final: nn.Module, task: Task) -> Check:
+    """The compact model against ``ge.model`` in eval mode (gates ``s > 0``). They differ where a
+    group has every gate off: ``ge.masks()`` keeps its best unit, or the compaction removes the
+    residual block around it while the gated block still adds its BatchNorm's bias."""
+    error = max_relative_error(predict(ge.model, task.test), predict(final, task.test))
+    layers = set(ge.budget.layers)
+    off = [key for key, gate in ge.gates().items() if key not in layers and not bool((gate.weight > 0).any())]
+    note = f"every gate of {', '.join(off)} is off (GrowEfficient's documented exception)" if off else ""
+    return Check("the gated model with hard gates", error, exact=not off, note=note)
 
 
 # --------------------------------------------------------------------------- main
@@ -166,72 +172,79 @@ def magnitude_masks(analysis: fxprune.Analysis, model: nn.Module, keep: float) -
 class Result:
     """What :func:`run` produced."""
 
-    model: nn.Module
-    compact: nn.Module
-    analysis: fxprune.Analysis
-    masks: Masks
-    error: float  # max |apply_masks - compact| / max |apply_masks| on the test set
-    cost_before: fxprune.Cost
-    cost_after: fxprune.Cost
+    dense: Run
+    method: Run
     rows: list[list[str]]
 
 
-def run(task: Task, epochs: int = 10, keep: float = 0.5, seed: int = 0, finetune: int = 0,
-        timing_repeats: int = 30, log: Callable[[str], None] = print) -> Result:
-    """Train, prune by magnitude, compact, check exactness and compare before/after."""
+def run(task: Task, method: str = "grow-efficient", settings: Settings | None = None, seed: int = 0,
+        plot: str | Path | None = None, timing_repeats: int = 30, progress: bool = True,
+        log: Callable[[str], None] = print) -> Result:
+    """Train a dense model and ``method`` from the same initial model, and compare them."""
+    settings = settings or Settings()
     seed_everything(seed)
-    model = build_model(task.spatial_dims)
-    x_example = task.test.tensors[0][:1]
+    model = task.model()
+    x = task.test.tensors[0][:1]
     log(f"dataset {task.name}: {len(task.train)} train / {len(task.test)} test samples of shape "
-        f"{tuple(x_example.shape[1:])}")
-    train(model, task.train, epochs)
+        f"{tuple(x.shape[1:])}, {task.num_classes} classes; {settings.epochs} epochs of SGD (lr {settings.lr}, "
+        f"momentum {settings.momentum}, weight decay {settings.weight_decay}), batch {settings.batch_size}")
+    dense = train("dense", model, task, settings, seed, progress=progress)
+    trained = train(method, model, task, settings, seed, plot=plot, progress=progress)
+    log(f"\n{method}:\n{trained.report}\n{trained.check}")
 
-    analysis = fxprune.analyze(model, x_example)
-    log("\nchannel groups:\n" + str(analysis) + "\n")
-    masks = magnitude_masks(analysis, model, keep)
-    reference = fxprune.apply_masks(model, masks, x_example, analysis=analysis).eval()
-    small = fxprune.compact(model, masks, x_example, analysis=analysis).eval()
-
-    logits_small = predict(small, task.test)
-    error = max_relative_error(predict(reference, task.test), logits_small)
-    log(f"exactness: max |apply_masks - compact| / max |apply_masks| = {error:.2e} "
-        f"on {len(task.test)} test samples (tolerance {TOLERANCE:.0e})")
-
-    acc_before, acc_after = accuracy(predict(model, task.test), task.test), accuracy(logits_small, task.test)
-    cost_before, cost_after = fxprune.cost(model, x_example), fxprune.cost(small, x_example)
-    x_batch = task.test.tensors[0][:256]
-    lat1 = latencies([model, small], x_example, timing_repeats)
-    lat256 = latencies([model, small], x_batch, max(5, timing_repeats // 3))
+    models, batch = [dense.model, trained.model], task.test.tensors[0][:256]
+    lat1 = latencies(models, x, timing_repeats)
+    lat_batch = latencies(models, batch, max(5, timing_repeats // 3))
     rows = [
-        ["parameters", f"{cost_before.params:,}", f"{cost_after.params:,}", ratio(cost_before.params, cost_after.params)],
-        ["FLOPs (batch 1)", f"{cost_before.flops:,}", f"{cost_after.flops:,}", ratio(cost_before.flops, cost_after.flops)],
-        ["CPU latency, batch 1", ms(lat1[0]), ms(lat1[1]), ratio(*lat1)],
-        ["CPU latency, batch 256", ms(lat256[0]), ms(lat256[1]), ratio(*lat256)],
-        ["test accuracy", f"{acc_before:.2%}", f"{acc_after:.2%}", ""],
+        _compare("parameters", dense.cost.params, trained.cost.params, "{:,}".format),
+        _compare("FLOPs (batch 1)", dense.cost.flops, trained.cost.flops, "{:,}".format),
+        _compare("CPU latency, batch 1", *lat1, ms),
+        _compare(f"CPU latency, batch {len(batch)}", *lat_batch, ms),
+        ["test accuracy", f"{dense.accuracy:.2%}", f"{trained.accuracy:.2%}",
+         f"{100 * (trained.accuracy - dense.accuracy):+.1f} points"],
+        _compare("training FLOPs", dense.train_flops, trained.train_flops, "{:.3g}".format),
+        _compare("training time (wall)", dense.seconds, trained.seconds, "{:.1f} s".format),
+        _compare("training time (CPU)", dense.cpu_seconds, trained.cpu_seconds, "{:.1f} s".format),
     ]
-    if finetune > 0:
-        train(small, task.train, finetune, lr=1e-3, desc="fine-tune compact")
-        rows.append(["test accuracy after fine-tuning", "", f"{accuracy(predict(small, task.test), task.test):.2%}",
-                     f"({finetune} epochs)"])
-    return Result(model, small, analysis, masks, error, cost_before, cost_after, rows)
+    if trained.density is not None:
+        rows.append(["weights kept by the masks", "100%", f"{trained.density:.1%}", ratio(1, trained.density)])
+    return Result(dense, trained, rows)
+
+
+def _compare(name: str, dense: float, compact: float, show: Callable[[float], str]) -> list[str]:
+    """A table row: both values shown by ``show``, and their ratio."""
+    return [name, show(dense), show(compact), ratio(dense, compact)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=METHODS, default="grow-efficient")
     parser.add_argument("--dataset", choices=["mnist1d", "digits"], default="mnist1d")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    pruning_arguments(parser, "fraction of each prunable group to keep")
-    parser.add_argument("--finetune", type=int, default=3, help="epochs to fine-tune the compact model (0: none)")
+    parser.add_argument("--data-path", metavar="PATH",
+                        help="your images instead: CIFAR-10's python batches or one folder per class (2-D ResNet)")
+    parser.add_argument("--image-size", type=int, default=32, metavar="SIZE",
+                        help="images of a class folder are resized to SIZE x SIZE (default 32)")
+    parser.add_argument("--target", type=float, default=0.5,
+                        help="FLOPs to reach, as a fraction of the dense model's (grow-efficient, single-shot)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs of each model (default 20)")
+    parser.add_argument("--alpha", type=float, default=Settings.alpha,
+                        help=f"DST's threshold penalty weight (default {Settings.alpha:g})")
+    parser.add_argument("--dst-unstructured", action="store_true",
+                        help="DST masks single weights (the paper's form) instead of whole filters")
+    parser.add_argument("--plot", type=Path, default=PLOT, help=f"the training curves' PNG (default {PLOT})")
+    run_arguments(parser)
     args = parse(parser, argv)
 
     start = time.perf_counter()
-    result = run(load_task(args.dataset), args.epochs, args.keep, args.seed, args.finetune)
-    kept = sum(int(m.sum()) for m in result.masks.values())
-    total = sum(len(m) for m in result.masks.values())
-    print(f"\npruned {len(result.masks)} prunable groups by filter magnitude, kept {kept}/{total} channels "
-          f"(--keep {args.keep}); {torch.get_num_threads()} CPU threads\n")
-    print(table(result.rows, ["", "original", "compact", "ratio"]))
-    return finish(start, result.error)
+    task = load_task(args.dataset, args.data_path, args.image_size)
+    settings = Settings(epochs=args.epochs, target=args.target, alpha=args.alpha, structured=not args.dst_unstructured)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    result = run(task, args.method, settings, args.seed, plot=args.plot)
+    print(f"\n{torch.get_num_threads()} CPU threads\n")
+    print(table(result.rows, ["", "dense", args.method, "dense / compact"]))
+    print(f"\ntraining curves: {args.plot}")
+    check = result.method.check
+    return finish(start, check.error if check.exact else None, check.reference)
 
 
 if __name__ == "__main__":

@@ -463,7 +463,7 @@ three times it (unless --no-dynamic-batch). --tensorrt needs the tensorrt packag
 DEMO_EXAMPLES = """\
 Examples:
   fxprune demo
-  fxprune demo --dataset digits --epochs 3 --keep 0.25
+  fxprune demo --dataset digits --epochs 3 --target 0.25
   fxprune demo -- --help        # the demo's own options
 
 Every argument after `demo` goes to examples/demo.py, which needs fxprune's source repository.

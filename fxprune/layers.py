@@ -51,7 +51,7 @@ def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list
             continue
         x, y = add.args[:2]
         for skip, out in ((x, y), (y, x)):
-            nodes = _branch(graph, order, live, add, skip, out)
+            nodes = _branch(gm, graph, order, live, add, skip, out)
             writes_skip = any(in_place(gm, n) and n.args[:1] == (skip,) for n in nodes)  # removal would undo it
             if nodes and _has_parameters(gm, nodes) and not writes_skip:
                 found.append((add, skip, out, nodes))
@@ -94,7 +94,7 @@ def _is_add(node: torch.fx.Node) -> bool:
     return isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node) and x is not y and alpha == 1
 
 
-def _branch(graph: nx.DiGraph, order: dict, live: set, add: torch.fx.Node, skip: torch.fx.Node,
+def _branch(gm: torch.fx.GraphModule, graph: nx.DiGraph, order: dict, live: set, add: torch.fx.Node, skip: torch.fx.Node,
             out: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes on the paths from ``skip`` to ``out``, with the constants only they use; [] unless
     all of them serve only ``add`` and removing them leaves a tensor of the add's shape. Other
@@ -102,6 +102,8 @@ def _branch(graph: nx.DiGraph, order: dict, live: set, add: torch.fx.Node, skip:
     shape = lambda n: getattr(n.meta.get("tensor_meta"), "shape", None)  # noqa: E731
     if shape(skip) is None or shape(skip) != shape(add) or out is skip:
         return []
+    while _is_identity(gm, skip):  # x + F(x) written as F(x) + self.shortcut(x), an nn.Identity
+        skip = skip.args[0]
     upstream = nx.ancestors(graph, out)
     if skip not in upstream:
         return []
@@ -117,6 +119,11 @@ def _branch(graph: nx.DiGraph, order: dict, live: set, add: torch.fx.Node, skip:
     if any(n.op == "output" or any(u not in inside and u is not add for u in n.users) for n in inside):
         return []
     return sorted(inside, key=order.get)
+
+
+def _is_identity(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Identity) and \
+        len(node.args) == 1 and isinstance(node.args[0], torch.fx.Node)
 
 
 def _has_parameters(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> bool:

@@ -36,6 +36,21 @@ def test_run_is_exact_and_smaller():
     assert r.rows[0][0] == "validation perplexity" and r.rows[1][0] == "parameters"
 
 
+def test_single_shot_chooses_units_before_training():
+    corpus = data.char_corpus(seq_len=50, max_chars=20_000)
+    r = char_lstm.run(corpus, hidden=32, embed=16, steps=150, batch_size=16, lr=1e-2, keep=0.5, finetune=20,
+                      timing_repeats=1, method="single-shot", log=lambda s: None)
+    assert r.error < char_lstm.TOLERANCE  # compact = apply_masks, checked on the untrained model
+    assert set(r.masks) <= {"embed", "lstm.hidden_l0", "lstm.hidden_l1"}
+    assert any(not m.all() for m in r.masks.values())
+    before, after = r.cost_before, r.cost_after
+    assert after.flops <= 0.5 * before.flops
+    assert sum(p.numel() for p in r.compact.parameters()) == after.params
+    assert set(r.perplexity) == {"original", "compact"}  # trained from scratch, not fine-tuned
+    assert r.perplexity["compact"] < len(corpus.vocab) / 2  # it learned: uniform is the vocabulary size
+    assert len(r.headers) == 4 and len(r.rows) == 5
+
+
 def _gate_norms(lstm: nn.LSTM, layer: int) -> torch.Tensor:
     h = lstm.hidden_size
     w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")

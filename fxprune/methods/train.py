@@ -101,7 +101,8 @@ def fit(method: GrowEfficient | DST | nn.Module, train_data: DataLoader, epochs:
                 method.after_epoch()
             if test_data is not None and history:
                 history[-1].test_accuracy = evaluate(_model(method), test_data)
-                bar.write(f"epoch {epoch + 1}/{epochs}: test accuracy {history[-1].test_accuracy:.2%}")
+                if progress:
+                    bar.write(f"epoch {epoch + 1}/{epochs}: test accuracy {history[-1].test_accuracy:.2%}")
     result = FitResult(_final(method, sample), history, optimizer)
     if plot is not None:
         result.plot(plot)
