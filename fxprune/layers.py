@@ -102,12 +102,14 @@ def _branch(gm: torch.fx.GraphModule, graph: nx.DiGraph, order: dict, live: set,
     shape = lambda n: getattr(n.meta.get("tensor_meta"), "shape", None)  # noqa: E731
     if shape(skip) is None or shape(skip) != shape(add) or out is skip:
         return []
+    chain = {skip}
     while _is_identity(gm, skip):  # x + F(x) written as F(x) + self.shortcut(x), an nn.Identity
         skip = skip.args[0]
+        chain.add(skip)
     upstream = nx.ancestors(graph, out)
     if skip not in upstream:
         return []
-    inside = (upstream & nx.descendants(graph, skip)) | {out}
+    inside = ((upstream & nx.descendants(graph, skip)) | {out}) - chain
     for n in list(inside):  # unused results (an attention's weights) go with the branch
         for u in n.users:
             if u not in live:
