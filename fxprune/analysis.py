@@ -12,7 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import rules  # noqa: F401  (registers the channel rules)
-from .layers import Layer, find_layers
+from .layers import Layer, find_layers, unique_name
 from .labels import LabelSpace, Member, Producer, compress, no_channels
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
 from .trace import trace
@@ -278,13 +278,7 @@ def _unit_arrays(n: int, unit_of: dict[int, tuple[int, int]]) -> tuple[torch.Ten
 
 def _group_name(plist: list[Producer], used: set[str]) -> str:
     modules = [p for p in plist if p.kind == "module"]
-    base = (modules or plist)[0].name
-    name, i = base, 1
-    while name in used:
-        i += 1
-        name = f"{base}#{i}"
-    used.add(name)
-    return name
+    return unique_name((modules or plist)[0].name, used)
 
 
 def _attach_members(groups, space, labels, roots, group_of, unit_in) -> None:

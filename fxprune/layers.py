@@ -65,7 +65,7 @@ def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list
             if block and blocks.count(block) > 1:  # a block with several branches (a transformer layer)
                 first = next(o for o in map(_owner, nodes) if o is not None and o != block)
                 name = f"{block}:{first[len(block) + 1:].split('.')[0]}"
-            name = _unique(name, used)
+            name = unique_name(name, used)
             add.meta[LAYER_NAME] = name
         used.add(name)
         layers.append(Layer(name, add.name, skip.name, out.name, [n.name for n in nodes],
@@ -165,7 +165,8 @@ def _block(add: torch.fx.Node, nodes: list[torch.fx.Node]) -> str:
     return holders[-1] if holders else common
 
 
-def _unique(base: str, used: set[str]) -> str:
+def unique_name(base: str, used: set[str]) -> str:
+    """``base``, or ``base#2``, ``base#3``... the first not in ``used``; it joins ``used``."""
     name, i = base, 1
     while name in used:
         i += 1
