@@ -70,3 +70,21 @@ def test_wrong_scores_shape_names_the_group():
     mask[0] = False
     with pytest.raises(fxprune.MaskError, match=r"scores\['0'\]"):
         fxprune.compact(model, {"0": mask}, torch.randn(1, 3, 4, 4), round_to=8, scores={"0": torch.ones(3)})
+
+
+def test_methods_round_their_channel_counts():
+    """GrowEfficient and SingleShot pass round_to to compact, choosing extra units by gate or score."""
+    from fxprune.methods import GrowEfficient, SingleShot
+
+    model, x = torchvision_models().resnet18(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    ge = GrowEfficient(model, x, target=0.5, epochs=2, seed=0.3)
+    small, _ = ge.compact(round_to=8)
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    ss = SingleShot(model, x)
+    batch = (x, torch.tensor([1, 2]))
+    masks = ss.masks(batch, torch.nn.functional.cross_entropy, target=0.5)
+    small = ss.compact(masks, round_to=8, scores=ss.scores(batch, torch.nn.functional.cross_entropy))
+    assert all(m.out_channels % 8 == 0 for m in small.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), ss.compact(masks).eval()(x), rtol=1e-5, atol=1e-5)

@@ -241,10 +241,13 @@ class GrowEfficient:
                 base[base_name].copy_(gated[name])
         return self.base
 
-    def compact(self) -> tuple[torch.fx.GraphModule, Mapping]:
+    def compact(self, round_to: int | None = None) -> tuple[torch.fx.GraphModule, Mapping]:
         """The final architecture (``s > 0``) as a dense model with the trained weights, and the
-        mapping of its tensors from ``ge.base``."""
-        return compact_model(self.sync(), self.masks(), self.example_inputs, return_mapping=True)
+        mapping of its tensors from ``ge.base``. ``round_to`` keeps channel counts at its
+        multiples, adding the off units of highest ``s`` (zeroed: the same function)."""
+        scores = {key: gate.weight.detach() for key, gate in self.gates().items() if gate.weight.numel() > 1}
+        return compact_model(self.sync(), self.masks(), self.example_inputs, return_mapping=True,
+                             round_to=round_to, scores=scores)
 
     @torch.no_grad()
     def resize(self) -> Mapping:

@@ -108,10 +108,13 @@ class SingleShot:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         return self.rank(self.scores(batch, loss_fn, metric), target, metric)
 
-    def compact(self, masks: dict[str, torch.Tensor], reinit: bool = False) -> torch.fx.GraphModule:
+    def compact(self, masks: dict[str, torch.Tensor], reinit: bool = False, round_to: int | None = None,
+                scores: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
         """``model`` without the masked units; ``reinit=True`` then re-initialises every module that
-        has ``reset_parameters`` (training from scratch, as the paper does)."""
-        small = compact_model(self.model, masks, self.example_inputs)
+        has ``reset_parameters`` (training from scratch, as the paper does). ``round_to`` keeps
+        channel counts at its multiples, adding the masked units of highest ``scores`` (from
+        :meth:`scores`; zeroed, so the function is the same)."""
+        small = compact_model(self.model, masks, self.example_inputs, round_to=round_to, scores=scores)
         if reinit:
             for module in small.modules():
                 if hasattr(module, "reset_parameters"):
