@@ -57,7 +57,8 @@ def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list
                 found.append((add, skip, out, nodes))
                 break
     blocks = [_block(add, nodes) for add, _, _, nodes in found]
-    used, layers = set(taken), []
+    used = set(taken) | {add.meta[LAYER_NAME] for add, *_ in found if LAYER_NAME in add.meta}  # kept names first
+    layers = []
     for (add, skip, out, nodes), block in zip(found, blocks):
         name = add.meta.get(LAYER_NAME)  # named before this model was rewritten: keep the name
         if name is None:
@@ -67,7 +68,6 @@ def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list
                 name = f"{block}:{first[len(block) + 1:].split('.')[0]}"
             name = unique_name(name, used)
             add.meta[LAYER_NAME] = name
-        used.add(name)
         layers.append(Layer(name, add.name, skip.name, out.name, [n.name for n in nodes],
                             list(dict.fromkeys(n.target for n in nodes if n.op == "call_module")), []))
     return layers
