@@ -153,22 +153,14 @@ def test_compacted_and_masked_resnet18():
     assert any(n.target is torch.mul for n in fused.graph.nodes)
 
 
-class _LSTMHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm, self.head = nn.LSTM(6, 20, batch_first=True), nn.Linear(20, 3)
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0])
-
-
 def test_masked_modules_are_baked_and_export(tmp_path):
     """Units zeroed inside an LSTM (kept by round_to, or by apply_masks) run without
     functional_call after fusion, with the same outputs, and export to ONNX."""
     from fxprune.export import to_onnx
     from fxprune.modules.masked import MaskedModule
+    from test_round_to import LSTMHead
 
-    model, x = _LSTMHead().eval(), torch.randn(2, 5, 6)
+    model, x = LSTMHead().eval(), torch.randn(2, 5, 6)
     keep = torch.zeros(20, dtype=torch.bool)
     keep[:5] = True
     for gm in (fxprune.compact(model, {"lstm.hidden_l0": keep}, x, round_to=8),

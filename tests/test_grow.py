@@ -16,6 +16,7 @@ from torch import nn
 
 import fxprune
 from fxprune.modules.recurrent import RecurrentStack
+from test_layer_properties import Scale
 from test_layers import assert_unchanged, branch_parameters, case, run, snapshot
 from test_properties import assert_outputs_close
 
@@ -552,15 +553,6 @@ def test_a_branch_that_writes_its_skip_in_place_is_no_layer_to_copy():
     assert "block" not in {layer.name for layer in fxprune.analyze(model, *x).layers}
     with pytest.raises(fxprune.GrowError, match="insert names no removable layer: 'block'"):
         grow(model, x, insert={"block": "copy"})
-
-
-class Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(0.7))
-
-    def forward(self, x):
-        return torch.tanh(x) * self.w
 
 
 class RootBlocks(nn.Module):
