@@ -3,7 +3,11 @@ removable layer on its branch's output.
 
 A gate's values multiply the group's channels at every producer (after a BatchNorm that directly
 follows it) and, inside a module that owns its units (an RNN, an attention), the parameter entries
-and outputs of those units. With 0/1 values the gated model is ``apply_masks`` of the masks
+and outputs of those units. Where a plain affine BatchNorm produces the gated output (a channel's
+zero point, a branch's output), the gate scales its weight and bias instead
+(:class:`~fxprune.modules.gate.GatedBatchNorm`): the same values, at the cost of a multiply of two
+vectors rather than of the whole activation, forward and backward. The graph calls the
+:class:`~fxprune.modules.gate.GateSet` of its gates first in every pass. With 0/1 values the gated model is ``apply_masks`` of the masks
 ``{gate.key: gate.hard()}``, except where all of a group inside a removable layer is gated off:
 ``apply_masks`` then removes the layer, while the gated branch still adds what follows the group
 (a BatchNorm's bias).
@@ -21,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 from fxprune.analysis import Analysis
 from fxprune.errors import MaskError
 from fxprune.labels import compress
-from fxprune.modules.gate import Gate, GatedModule
+from fxprune.modules.gate import BATCH_NORMS, Gate, GatedBatchNorm, GatedModule, GateSet
 from fxprune.trace import ALWAYS_LEAF
 
 from .mask_channels import zero_point
@@ -37,7 +41,9 @@ def insert_gates(analysis: Analysis, make_gate: GateFactory = Gate, groups: Iter
     gm = copy.deepcopy(analysis.gm)
     names = [g.name for g in analysis.groups if g.prunable] if groups is None else list(groups)
     chosen = {_group_index(analysis, name): name for name in names}
-    gm.add_submodule("gates", nn.Module())
+    gm.add_submodule("gates", GateSet())
+    with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
+        gm.graph.call_module("gates", ())  # first in every pass: GateSet.forward
     paths = {}
     for gi, name in chosen.items():
         paths[gi] = _add_gate(gm, make_gate(name, analysis.groups[gi].size))
@@ -47,6 +53,8 @@ def insert_gates(analysis: Analysis, make_gate: GateFactory = Gate, groups: Iter
         layer = analysis.layer(name)
         path = _add_gate(gm, make_gate(layer.name, 1))
         out = nodes[layer.branch_out]
+        if len(out.users) == 1 and _gate_norm(gm, out, path, 1, lambda channels: torch.zeros(channels, dtype=torch.long)):
+            continue
         with gm.graph.inserting_after(out):
             gated = gm.graph.call_module(path, (out,))
         nodes[layer.add].replace_input_with(out, gated)
@@ -94,6 +102,8 @@ def _add_gate(gm: torch.fx.GraphModule, gate: Gate) -> str:
 
 def _gate_output(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, units: torch.Tensor, dim: int) -> None:
     at = zero_point(gm, node)
+    if _gate_norm(gm, at, path, dim, lambda channels: units):
+        return
     name = f"{path.replace('.', '_')}_units"
     i = 1
     while hasattr(gm, f"{name}_{i}"):
@@ -105,6 +115,26 @@ def _gate_output(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, units
         gated = gm.graph.call_module(path, (at, attr, dim))
     at.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
     gated.meta["tensor_meta"] = at.meta.get("tensor_meta")
+
+
+def _gate_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, dim: int,
+               units: Callable[[int], torch.Tensor]) -> bool:
+    """Gate the output of ``node`` through its affine parameters if it is a BatchNorm gated along
+    its channels (``units(channels)``: the gate's unit of each); whether it was."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(module, GatedBatchNorm):
+        if type(module) not in BATCH_NORMS or not module.affine:
+            return False
+        module = GatedBatchNorm(module).train(module.training)
+    if not hasattr(meta, "shape") or dim % len(meta.shape) != 1:
+        return False
+    gm.set_submodule(node.target, module)
+    module.add_gate(units(module.module.num_features))
+    with gm.graph.inserting_before(node):
+        values = gm.graph.call_module(path, ())
+    node.kwargs = {**node.kwargs, "gates": (*node.kwargs.get("gates", ()), values)}
+    return True
 
 
 def _gate_inside(gm, analysis: Analysis, target: str, calls: list[torch.fx.Node], paths: dict[int, str]) -> None:

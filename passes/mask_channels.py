@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_map
 from fxprune.errors import CompactError
 from fxprune.labels import compress
 from fxprune.masks import Plan
+from fxprune.modules.gate import GatedBatchNorm
 from fxprune.modules.masked import MaskedModule
 from fxprune.modules.recurrent import RecurrentStack, renamed
 from fxprune.rules.registry import element_read
@@ -24,10 +25,11 @@ from fxprune.trace import ALWAYS_LEAF
 
 
 def zero_point(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
-    """Where a producer's channels are zeroed: after a BatchNorm that directly follows it."""
+    """Where a producer's channels are zeroed: after a BatchNorm (gated or not) that directly follows it."""
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_module" and users[0].args[:1] == (node,):
-        if isinstance(gm.get_submodule(users[0].target), nn.modules.batchnorm._BatchNorm):
+        module = gm.get_submodule(users[0].target)
+        if isinstance(module.module if isinstance(module, GatedBatchNorm) else module, nn.modules.batchnorm._BatchNorm):
             return users[0]
     return node
 

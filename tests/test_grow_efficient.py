@@ -1,6 +1,7 @@
 """GrowEfficient: sampled gates, beta annealing, the budget-aware penalty, compaction and resizing."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import fxprune
 from fxprune.methods import GrowEfficient
-from fxprune.methods.grow_efficient import SampledGate, resample
+from fxprune.methods.sampled_gate import SampledGate
 
 from test_budget import Residual
 
@@ -59,12 +60,10 @@ def test_straight_through_gradient():
 def test_sampling_statistics_and_one_sample_per_pass():
     s = torch.tensor([-1.5, -0.2, 0.0, 0.7, 2.0])
     gate = SampledGate("g", s, beta=1.0).train()
-    holder = nn.Module()
-    holder.gate = gate
     torch.manual_seed(0)
     draws = []
     for _ in range(4000):
-        resample(holder)
+        gate.begin_pass()
         first = gate.values().detach()
         assert torch.equal(first, gate.values().detach())  # every call of one pass: the same sample
         draws.append(first)
@@ -206,3 +205,23 @@ def test_off_layer_is_dropped_once_unlikely():
     ge.resize()
     assert name not in {layer.name for layer in ge.analysis.layers}
     assert name not in ge.gates()
+
+
+def test_gates_draw_together_once_per_pass_and_a_copy_draws_its_own():
+    ge = make(seed=0.5)
+    ge.model.train()(X)
+    (sample,) = {id(g.sample): g.sample for g in ge.gates().values()}.values()  # one draw for every gate
+    drawn = sample._values
+    copied = copy.deepcopy(ge.model)  # after a pass: its sample (not a graph leaf) is not copied
+    gates = [m for m in copied.modules() if isinstance(m, SampledGate)]
+    assert all(g.sample is gates[0].sample for g in gates) and gates[0].sample is not sample
+    widest = max(gates, key=lambda g: g.weight.numel())
+    values, draws = [], []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        copied(X)
+        values.append(widest.values().detach().clone())
+        draws.append(gates[0].sample._values)
+    assert len({id(d) for d in draws}) == 3  # each pass of the copy draws anew
+    assert torch.equal(values[0], values[2])  # from the global generator
+    assert sample._values is drawn  # and leaves the original's draw alone

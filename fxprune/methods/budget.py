@@ -16,8 +16,9 @@ as :func:`fxprune.cost` counts them).
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,69 @@ class _Term:
     layers: list[int]
 
 
+@dataclass
+class _Polynomial:
+    """Terms in tensors, for one vectorised evaluation: term ``t`` is ``weight[t]`` times the mean
+    of ``flat[entries]`` over each of its segments ``dims[t]`` times ``alive[layers[t]]``, both
+    padded with the index of a constant 1 (the last segment, and the last of ``alive``)."""
+
+    weight: torch.Tensor  # (terms,)
+    dims: torch.Tensor  # (terms, most dims): segment indices
+    layers: torch.Tensor  # (terms, most layers): layer indices
+    entries: torch.Tensor  # flat indices of every segment's entries, one segment after another
+    segment: torch.Tensor  # the segment of each entry
+    counts: torch.Tensor  # entries per segment
+
+    @staticmethod
+    def of(terms: list[_Term], one: int, n_layers: int) -> _Polynomial:
+        parts = [index for t in terms for index in t.dims] + [torch.tensor([one])]
+        first = [0, *itertools.accumulate(len(t.dims) for t in terms)]
+        entries, segment = _segments(parts)
+        return _Polynomial(
+            weight=torch.tensor([t.weight for t in terms], dtype=torch.double),
+            dims=_padded([list(range(first[i], first[i + 1])) for i in range(len(terms))], len(parts) - 1),
+            layers=_padded([t.layers for t in terms], n_layers),
+            entries=entries, segment=segment, counts=torch.tensor([len(x) for x in parts], dtype=torch.double),
+        )
+
+
+@dataclass
+class _Emptied:
+    """The groups whose emptying removes a layer: the flat indices of their units, the group of
+    each unit (a segment), and the layer of each group."""
+
+    units: torch.Tensor
+    segment: torch.Tensor
+    layer: torch.Tensor
+
+    @staticmethod
+    def of(pairs: list[tuple[int, str]], offsets: dict[str, int], sizes: dict[str, int]) -> _Emptied:
+        units, segment = _segments([torch.arange(offsets[g], offsets[g] + sizes[g]) for _, g in pairs])
+        return _Emptied(units, segment, torch.tensor([i for i, _ in pairs], dtype=torch.long))
+
+
+def _segments(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``parts`` (1-D long tensors) in one tensor, and the part each entry comes from."""
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    lengths = torch.tensor([len(x) for x in parts], dtype=torch.long)
+    return torch.cat(parts), torch.repeat_interleave(torch.arange(len(parts)), lengths)
+
+
+def _ones(probs: Probabilities) -> Callable[[int], torch.Tensor]:
+    """n -> n float64 ones on the device of ``probs``."""
+    like = next((p for p in probs.values() if isinstance(p, torch.Tensor)), torch.ones(()))
+    return lambda n: torch.ones(n, dtype=torch.double, device=like.device)
+
+
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """``rows`` as a (len(rows), longest) long tensor, padded with ``pad``."""
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 class Budget:
     """Expected FLOPs and parameters of ``analysis.gm`` given keep probabilities.
 
@@ -97,14 +161,12 @@ class Budget:
             if g.name in self._offsets:
                 roots = (analysis.group_of == gi).nonzero().flatten()
                 self._root_index[roots] = self._offsets[g.name] + analysis.unit_in[roots]
-        self._emptied = {}  # layer index -> the groups whose emptying removes it (as compact does)
-        for name in self.groups:
-            layer = innermost_layer(analysis.layers, name)
-            if layer is not None:
-                self._emptied.setdefault(self.layers.index(layer.name), []).append(name)
-        self._terms: dict[str, list[_Term]] = {"flops": self._flops_terms(flops_per_node(analysis.gm, example_inputs)),
-                                               "params": self._params_terms()}
-        self.dense = {metric: sum(t.weight for t in terms) for metric, terms in self._terms.items()}
+        emptied = [(self.layers.index(layer.name), name) for name in self.groups
+                   if (layer := innermost_layer(analysis.layers, name)) is not None]
+        self._emptied = _Emptied.of(emptied, self._offsets, self.groups)  # as compact removes layers
+        terms = {"flops": self._flops_terms(flops_per_node(analysis.gm, example_inputs)), "params": self._params_terms()}
+        self.dense = {metric: sum(t.weight for t in ts) for metric, ts in terms.items()}
+        self._compiled = {metric: _Polynomial.of(ts, self._one, len(self.layers)) for metric, ts in terms.items()}
 
     def _dims(self, owner: str, node: str | None = None) -> list[torch.Tensor]:
         """Flat index of every entry along each channel dim of tensor ``owner`` (as ``node`` uses it)."""
@@ -149,41 +211,42 @@ class Budget:
                 for name, t in tensors.items()]
 
     def flat(self, probs: Probabilities) -> torch.Tensor:
-        """Every group's unit probabilities in one vector (1 for groups not in ``probs``), then a 1."""
-        like = next((p for p in probs.values() if isinstance(p, torch.Tensor)), torch.ones(()))
-        ones = lambda n: torch.ones(n, dtype=torch.float, device=like.device)  # noqa: E731
-        parts = [ones(size) if probs.get(name) is None else probs[name].reshape(size).float()
+        """Every group's unit probabilities in one float64 vector (1 for groups not in ``probs``), then a 1."""
+        ones = _ones(probs)
+        parts = [ones(size) if probs.get(name) is None else probs[name].reshape(size).double()
                  for name, size in self.groups.items()]
         return torch.cat(parts + [ones(1)])
 
-    def _alive(self, flat: torch.Tensor, probs: Probabilities) -> list[torch.Tensor]:
-        """The probability that each removable layer stays: its own, times, for each group whose
-        emptying removes it, the probability that the group keeps a unit."""
-        alive = []
-        for i, name in enumerate(self.layers):
-            a = probs[name].reshape(()).float() if name in probs else flat[self._one]
-            for g in self._emptied.get(i, []):
-                if g in probs:
-                    start = self._offsets[g]
-                    a = a * (1 - torch.prod(1 - flat[start:start + self.groups[g]]))
-            alive.append(a)
-        return alive
+    def layer_probabilities(self, probs: Probabilities) -> torch.Tensor:
+        """Every removable layer's own probability of staying, in order (1 for layers not in ``probs``)."""
+        ones = _ones(probs)
+        return torch.cat([ones(0)] + [ones(1) if probs.get(name) is None else probs[name].reshape(1).double()
+                                      for name in self.layers])
 
     def expected(self, probs: Probabilities, metric: str = "flops") -> torch.Tensor:
-        """E[FLOPs] of one call on the example inputs, or E[parameters] (a scalar tensor)."""
+        """E[FLOPs] of one call on the example inputs, or E[parameters] (a float64 scalar tensor)."""
+        return self.evaluate(self.flat(probs), self.layer_probabilities(probs), metric)
+
+    def evaluate(self, flat: torch.Tensor, layers: torch.Tensor, metric: str = "flops") -> torch.Tensor:
+        """:meth:`expected` from the unit probabilities as :meth:`flat` lays them out and each
+        layer's own probability (:meth:`layer_probabilities`): a few vectorised operations."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        flat = self.flat(probs)
-        alive = self._alive(flat, probs)
-        total = flat.new_zeros(())
-        for term in self._terms[metric]:
-            value = flat.new_tensor(term.weight)
-            for index in term.dims:
-                value = value * flat[index].mean()
-            for i in term.layers:
-                value = value * alive[i]
-            total = total + value
-        return total
+        terms = self._compiled[metric]
+        sums = flat.new_zeros(len(terms.counts)).index_add(0, terms.segment, flat[terms.entries])
+        means = sums / terms.counts
+        alive = self._alive(flat, layers)
+        return (terms.weight * means[terms.dims].prod(1) * alive[terms.layers].prod(1)).sum()
+
+    def _alive(self, flat: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """The probability that each removable layer stays (then a 1): its own, times, for each
+        group whose emptying removes it, the probability ``1 - prod(1 - p)`` that the group keeps a unit."""
+        alive = torch.cat([layers.to(flat.dtype), flat[self._one:]])
+        if self._emptied.units.numel():
+            none_kept = flat.new_ones(len(self._emptied.layer)).scatter_reduce(
+                0, self._emptied.segment, 1 - flat[self._emptied.units], "prod")
+            alive = alive * torch.ones_like(alive).scatter_reduce(0, self._emptied.layer, 1 - none_kept, "prod")
+        return alive
 
     def fraction(self, probs: Probabilities, metric: str = "flops") -> torch.Tensor:
         """:meth:`expected` as a fraction of the dense cost."""

@@ -22,7 +22,9 @@ less. Only a seed starts on; the final architecture is ``s > 0``, without fine-t
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,46 +40,10 @@ from ..compact import compact as compact_model
 from ..cost import Cost
 from ..grow import grow
 from ..mapping import Mapping, TensorMap
-from ..modules.gate import Gate, GatedModule
+from ..modules.gate import WRAPPERS, Gate
 from ..optim import remap_optimizer
 from .budget import METRICS, Budget, gated_groups
-
-
-class SampledGate(Gate):
-    """A gate whose ``weight`` holds logits ``s``. In training mode its values are one sample of
-    Bernoulli(sigma(beta * s)) per unit, whose gradient is that of sigma(beta * s); in eval mode
-    they are ``s > 0``.
-
-    The sample is drawn from ``self.seed``, so every call during one forward pass (a residual
-    stream's gate multiplies the output of each of its producers) sees the same sample; the
-    forward pre-hook :func:`resample` draws a new seed before each pass of the gated model.
-    """
-
-    def __init__(self, key: str, logits: torch.Tensor, beta: float = 1.0):
-        super().__init__(key, len(logits))
-        with torch.no_grad():
-            self.weight.copy_(logits)
-        self.beta = beta
-        self.seed = 0
-
-    def probabilities(self) -> torch.Tensor:
-        """sigma(beta * s): the probability that each unit is sampled on."""
-        return torch.sigmoid(self.beta * self.weight)
-
-    def values(self) -> torch.Tensor:
-        if not self.training:
-            return (self.weight > 0).to(self.weight.dtype)
-        p = self.probabilities()
-        generator = torch.Generator(p.device).manual_seed(self.seed)
-        z = (torch.rand(p.shape, generator=generator, device=p.device) < p.detach()).to(p.dtype)
-        return z + (p - p.detach())  # value z, gradient d sigma(beta * s)
-
-
-def resample(model: nn.Module, args: Any = None) -> None:
-    """Give every :class:`SampledGate` of ``model`` a new seed (a forward pre-hook of the gated model)."""
-    for gate in gates_of(model):
-        if isinstance(gate, SampledGate):
-            gate.seed = int(torch.randint(2**62, ()))
+from .sampled_gate import GateSample, SampledGate
 
 
 class GrowEfficient:
@@ -153,20 +119,23 @@ class GrowEfficient:
         """Gate ``base``: ``self.model`` becomes a gated copy whose gate ``key`` starts at ``logits[key]``."""
         self.base, self.analysis = base, analysis
         self.budget = budget if budget is not None else Budget(analysis, self.example_inputs)
-        costs = self.budget.unit_costs(self.metric)
-        self._layer_pace = {name: min(1.0, self.unit_cost / max(float(costs[name]), 1e-12))
-                            for name in self.budget.layers}
-        self.model = insert_gates(analysis, lambda key, size: SampledGate(key, logits[key], self.beta),
+        sample = GateSample()
+        self.model = insert_gates(analysis, lambda key, size: SampledGate(key, logits[key], self.beta, sample),
                                   groups=gated_groups(analysis))
-        self.model.register_forward_pre_hook(resample)
+        self._gates = {g.key: g for g in sample.gates}
+        self._layout = _Layout.of(self._gates, self.budget, analysis)
+        self._hard: tuple[torch.Tensor, tuple[float, float]] | None = None  # the last architecture and its cost
+        costs = self.budget.unit_costs(self.metric)
+        self._layer_pace = torch.tensor([min(1.0, self.unit_cost / max(float(costs[name]), 1e-12))
+                                         for name in self.budget.layers], dtype=torch.double)
 
     def gates(self) -> dict[str, SampledGate]:
         """The gates of ``ge.model`` by key (group or layer name)."""
-        return {g.key: g for g in gates_of(self.model)}
+        return dict(self._gates)
 
     def logits_parameters(self) -> list[nn.Parameter]:
         """The logit vector of every gate."""
-        return [g.weight for g in self.gates().values()]
+        return [g.weight for g in self._gates.values()]
 
     def weights(self) -> Iterator[nn.Parameter]:
         """The parameters of ``ge.model`` other than the logits: give these to the weight optimizer."""
@@ -175,51 +144,49 @@ class GrowEfficient:
 
     def probabilities(self) -> dict[str, torch.Tensor]:
         """sigma(beta * s) of every gate, by key (differentiable)."""
-        return {key: g.probabilities() for key, g in self.gates().items()}
+        p = next(iter(self._gates.values())).sample.probabilities()
+        return dict(zip(self._gates, p.split([g.weight.numel() for g in self._gates.values()])))
 
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor | bool]:
         """The current architecture: ``s > 0`` per group unit (a bool tensor) and per layer (a bool)."""
-        layers = self.budget.layers
-        out: dict[str, torch.Tensor | bool] = {}
-        for key, g in self.gates().items():
-            keep = g.weight > 0
-            if key in layers:
-                out[key] = bool(keep)
-            else:
-                if not keep.any() and not any(key in layer.groups for layer in self.analysis.layers):
-                    keep[g.weight.argmax()] = True
-                out[key] = keep
-        return out
+        keep = self._layout.hard(self._logits()).split([g.weight.numel() for g in self._gates.values()])
+        return {key: bool(k) if key in self._layout.layer_keys else k for key, k in zip(self._gates, keep)}
 
-    @torch.no_grad()
     def cost(self) -> Cost:
         """FLOPs (one call on ``example_inputs``) and parameters of the current architecture."""
-        hard = self._hard()
-        return Cost(*(round(float(self.budget.expected(hard, metric))) for metric in ("flops", "params")))
+        return Cost(*(round(value) for value in self._architecture_cost()))
 
-    @torch.no_grad()
     def fraction(self) -> float:
         """The current architecture's cost in ``metric`` as a fraction of the original model's."""
-        return float(self.budget.expected(self._hard(), self.metric)) / self.dense
+        return self._architecture_cost()[METRICS.index(self.metric)] / self.dense
 
-    def _hard(self) -> dict[str, torch.Tensor]:
-        return {k: torch.as_tensor(v, dtype=torch.float) for k, v in self.masks().items()}
+    @torch.no_grad()
+    def _architecture_cost(self) -> tuple[float, float]:
+        """FLOPs and parameters of ``s > 0``, recomputed only when some gate crossed zero."""
+        hard = self._layout.hard(self._logits())
+        if self._hard is None or not torch.equal(hard, self._hard[0]):
+            flat, layers = self._layout.budget_inputs(hard.double())
+            self._hard = hard, tuple(float(self.budget.evaluate(flat, layers, metric)) for metric in METRICS)
+        return self._hard[1]
+
+    def _logits(self) -> torch.Tensor:
+        return torch.cat([g.weight.detach() for g in self._gates.values()])
 
     def penalty(self) -> torch.Tensor:
         """``lam_t * E[cost] / unit_cost``, to add to the loss; updates ``lam_t`` (``ge.lam``) from
         the gap between the current architecture's cost and the target."""
         gap = self.fraction() - self.target
         self.lam = self.lam0 * max(-1.0, min(1.0, gap / self.tol))
-        probs = self.probabilities()
-        for name, pace in self._layer_pace.items():  # same value, gradient scaled by ``pace``
-            probs[name] = probs[name].detach() + (probs[name] - probs[name].detach()) * pace
-        return self.lam * self.budget.expected(probs, self.metric) / self.unit_cost
+        p = next(iter(self._gates.values())).sample.probabilities()
+        flat, layers = self._layout.budget_inputs(p.double())
+        layers = layers.detach() + (layers - layers.detach()) * self._layer_pace  # same value, gradient scaled
+        return self.lam * self.budget.evaluate(flat, layers, self.metric) / self.unit_cost
 
     def after_epoch(self) -> None:
         """Multiply ``beta`` by ``beta_growth`` (up to ``beta_final``); call after each epoch."""
         self.beta = min(self.beta * self.beta_growth, self.beta_final)
-        for g in self.gates().values():
+        for g in self._gates.values():
             g.beta = self.beta
 
     @torch.no_grad()
@@ -300,6 +267,47 @@ class GrowEfficient:
         return keep, wanted
 
 
+@dataclass
+class _Layout:
+    """Where each gate's units sit in the concatenated logits of all gates (gate order), and how
+    they feed the budget: ``flat_index`` gathers :meth:`Budget.flat`'s vector from the logits'
+    probabilities followed by a 1, ``layer_index`` each layer's own probability."""
+
+    flat_index: torch.Tensor
+    layer_index: torch.Tensor
+    layer_keys: frozenset[str]
+    always_on: list[tuple[int, int]]  # (offset, size) of each group gate outside every layer
+
+    @staticmethod
+    def of(gates: dict[str, Gate], budget: Budget, analysis: Analysis) -> _Layout:
+        sizes = [g.weight.numel() for g in gates.values()]
+        offsets = dict(zip(gates, [0, *itertools.accumulate(sizes)]))
+        one = sum(sizes)
+        flat = [torch.arange(offsets[name], offsets[name] + size) if name in gates else torch.full((size,), one)
+                for name, size in budget.groups.items()]
+        inside = {name for layer in analysis.layers for name in layer.groups}
+        return _Layout(
+            flat_index=torch.cat(flat + [torch.tensor([one])]),
+            layer_index=torch.tensor([offsets[name] for name in budget.layers], dtype=torch.long),
+            layer_keys=frozenset(budget.layers),
+            always_on=[(offsets[key], size) for (key, size) in zip(gates, sizes)
+                       if key not in budget.layers and key not in inside],
+        )
+
+    def hard(self, logits: torch.Tensor) -> torch.Tensor:
+        """``s > 0``, with the unit of highest ``s`` on in each group outside every layer that has none on."""
+        keep = logits > 0
+        for start, size in self.always_on:
+            if not keep[start:start + size].any():
+                keep[start + int(logits[start:start + size].argmax())] = True
+        return keep
+
+    def budget_inputs(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`Budget.evaluate`'s two inputs from one value per unit of every gate, in gate order."""
+        ext = torch.cat([values, values.new_ones(1)])
+        return ext[self.flat_index], ext[self.layer_index]
+
+
 def _seed_logits(analysis: Analysis, seed: float, seed_layers: float, s0: float) -> dict[str, torch.Tensor]:
     """+s0 for the seed (the first units of each group, evenly spread layers), -s0 elsewhere."""
     logits = {}
@@ -315,8 +323,8 @@ def _seed_logits(analysis: Analysis, seed: float, seed_layers: float, s0: float)
 
 def _base_names(gated: nn.Module) -> dict[str, str]:
     """Name in ``gated`` -> name in the ungated model, for every parameter and buffer outside the
-    gates (a module wrapped in a GatedModule holds its tensors under ``<path>.module.``)."""
-    wrapped = [f"{path}.module." for path, m in gated.named_modules() if isinstance(m, GatedModule)]
+    gates (a module wrapped in a GatedModule or GatedBatchNorm holds its tensors under ``<path>.module.``)."""
+    wrapped = [f"{path}.module." for path, m in gated.named_modules() if isinstance(m, WRAPPERS)]
     out = {}
     for name, _ in [*gated.named_parameters(), *gated.named_buffers()]:
         if not name.startswith("gates."):

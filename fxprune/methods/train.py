@@ -84,6 +84,7 @@ def fit(method: GrowEfficient | DST | nn.Module, train_data: DataLoader, epochs:
     with tqdm(total=epochs * len(train_data), desc=type(method).__name__, unit="step", file=sys.stdout,
               dynamic_ncols=True, disable=not progress) as bar:
         for epoch in range(epochs):
+            _model(method).train()  # once per epoch: evaluation restores it, a resize keeps it
             for inputs, targets in train_data:
                 sample = inputs[:1] if sample is None else sample
                 if isinstance(method, GrowEfficient) and resize_every and history and len(history) % resize_every == 0:
@@ -124,7 +125,7 @@ def _physical(method: GrowEfficient | DST | nn.Module) -> nn.Module:
 def _step(method: GrowEfficient | DST | nn.Module, optimizer: torch.optim.Optimizer, schedulers: list[Any],
           inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> tuple[torch.Tensor, float]:
     """One optimizer step (and the gate optimizer's); returns the output and the task loss."""
-    output = _model(method).train()(inputs)
+    output = _model(method)(inputs)
     loss = loss_fn(output, targets)
     total = loss + method.penalty() if hasattr(method, "penalty") else loss
     optimizers = [optimizer, *([method.gate_optimizer] if isinstance(method, GrowEfficient) else [])]

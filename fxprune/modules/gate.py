@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,6 +25,9 @@ class Gate(nn.Module):
         """The current gate value of every unit."""
         return self.weight
 
+    def begin_pass(self) -> None:
+        """Called at the start of every forward pass of the gated model (a sampled gate draws anew)."""
+
     def hard(self) -> torch.Tensor:
         """Which units stay (bool)."""
         return self.weight.detach() > 0
@@ -40,6 +44,18 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.key!r}, size={self.weight.numel()}"
+
+
+class GateSet(nn.Module):
+    """The gates of a gated model, its ``gates`` submodule. The gated graph calls it first, once per
+    forward pass, to tell every gate that a pass begins; being part of the graph, this survives
+    copies of the model, which drop forward hooks."""
+
+    _is_impure = True  # its call has no users: dead-code elimination must keep it
+
+    def forward(self) -> None:
+        for gate in self.children():
+            gate.begin_pass()
 
 
 class GatedModule(nn.Module):
@@ -86,3 +102,49 @@ class GatedModule(nn.Module):
         for i, sites in self.output_sites.items():
             leaves[i] = leaves[i] * self._factor(gates, sites, f"output_units_{i}", leaves[i])
         return tree_unflatten(leaves, spec)
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # exactly these: a subclass may compute otherwise
+
+
+class GatedBatchNorm(nn.Module):
+    """A BatchNorm whose output channels are gated through its affine parameters: gate values ``g``
+    scale ``weight`` and ``bias``, so ``bn(x; w * g, b * g) == bn(x) * g`` costs a multiply of two
+    vectors instead of one of the whole output (forward and backward). Each gate that multiplies
+    its output is one site (:meth:`add_gate`), whose values come in order as the keyword ``gates``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        if type(module) not in BATCH_NORMS or not module.affine:
+            raise TypeError(f"GatedBatchNorm needs an affine {', '.join(c.__name__ for c in BATCH_NORMS)}, got {module}")
+        self.module = module
+        self.sites = 0
+        self.direct: set[int] = set()  # sites whose units are 0..C-1: the gate values as they are
+
+    def add_gate(self, units: torch.Tensor) -> None:
+        """Gate the channels by one more gate: ``units[c]`` is its unit of channel ``c``."""
+        self.register_buffer(f"units_{self.sites}", units.clone())
+        if torch.equal(units, torch.arange(len(units))):
+            self.direct.add(self.sites)
+        self.sites += 1
+
+    def forward(self, x: torch.Tensor, gates: tuple = ()) -> torch.Tensor:
+        factor = None
+        for j, values in enumerate(gates):
+            values = values.to(x.dtype) if j in self.direct else values.to(x.dtype)[getattr(self, f"units_{j}")]
+            factor = values if factor is None else factor * values
+        bn = self.module
+        weight, bias = (bn.weight, bn.bias) if factor is None else (bn.weight * factor, bn.bias * factor)
+        # as torch.nn.modules.batchnorm._BatchNorm.forward, with these affine parameters
+        bn._check_input_dim(x)
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+        stats = not bn.training or bn.track_running_stats
+        return F.batch_norm(x, bn.running_mean if stats else None, bn.running_var if stats else None,
+                            weight, bias, use_batch, momentum, bn.eps)
+
+
+WRAPPERS = (GatedModule, GatedBatchNorm)  # gated modules that hold the original one as ``module``
