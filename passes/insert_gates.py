@@ -15,6 +15,7 @@ vectors rather than of the whole activation, forward and backward. The graph cal
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -34,11 +35,14 @@ GateFactory = Callable[[str, int], Gate]  # (group or layer name, number of unit
 
 
 def insert_gates(analysis: Analysis, make_gate: GateFactory = Gate, groups: Iterable[str] | None = None,
-                 layers: Iterable[str] | None = None) -> torch.fx.GraphModule:
+                 layers: Iterable[str] | None = None, share_tensors: bool = False) -> torch.fx.GraphModule:
     """A copy of ``analysis.gm`` with a gate from ``make_gate`` on each named group (default: every
     prunable group) and each named layer (default: every removable layer). The gates are the
-    submodules of ``result.gates``; ``gate.key`` is the name it stands for."""
-    gm = copy.deepcopy(analysis.gm)
+    submodules of ``result.gates``; ``gate.key`` is the name it stands for. ``share_tensors``: the
+    copy's parameters and buffers are those of ``analysis.gm`` (nothing is copied; training the
+    gated model trains it), for a caller that owns ``analysis.gm``."""
+    tensors = itertools.chain(analysis.gm.parameters(), analysis.gm.buffers()) if share_tensors else ()
+    gm = copy.deepcopy(analysis.gm, {id(t): t for t in tensors})
     names = [g.name for g in analysis.groups if g.prunable] if groups is None else list(groups)
     chosen = {_group_index(analysis, name): name for name in names}
     gm.add_submodule("gates", GateSet())

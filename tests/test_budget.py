@@ -186,3 +186,51 @@ def test_bad_metric():
     model, x = Residual(8, 1), torch.randn(2, 1, 8, 8)
     with pytest.raises(ValueError, match="metric"):
         Budget(fxprune.analyze(model, x), x).expected({}, "latency")
+
+
+class Gram(nn.Module):
+    """A product of two activations (a fixed cost in the budget) whose shape follows a channel group."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(2, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc((h @ h.transpose(1, 2)).mean(1))
+
+
+@pytest.mark.parametrize("case", [*CASES, "gram"])
+def test_a_budget_like_the_one_before_a_resize_is_the_budget_counted_afresh(case):
+    torch.manual_seed(0)
+    model, x = (Gram, lambda: torch.randn(2, 2, 5)) if case == "gram" else CASES[case]
+    model, x = model(), x()
+    analysis = fxprune.analyze(model, x)
+    before = Budget(analysis, x)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        small = fxprune.compact(model, random_masks(analysis, generator, keep=0.7), x, analysis=analysis)
+        after = fxprune.analyze(small, x)
+        fresh, like = Budget(after, x), Budget(after, x, like=before)
+        assert like.dense == pytest.approx(fresh.dense, rel=1e-9)
+        probs = {g: torch.rand(n, generator=generator) for g, n in fresh.groups.items()}
+        assert float(like.expected(probs)) == pytest.approx(float(fresh.expected(probs)), rel=1e-9)
+    grown, _ = fxprune.grow(small, x, widen={name: 2 for name in fresh.groups if fresh.groups[name] >= 2})
+    regrown = fxprune.analyze(grown, x)
+    assert Budget(regrown, x, like=like).dense == pytest.approx(Budget(regrown, x).dense, rel=1e-9)
+
+
+def test_a_budget_like_another_counts_nothing_unless_the_inputs_changed(monkeypatch):
+    model, x = Residual(8, 2), torch.randn(2, 1, 8, 8)
+    analysis = fxprune.analyze(model, x)
+    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in analysis.groups if g.prunable}
+    small = fxprune.compact(model, masks, x, analysis=analysis)
+    before, after, larger = Budget(analysis, x), fxprune.analyze(small, x), fxprune.analyze(small, x[:, :, :6])
+
+    def counting(*args):
+        raise AssertionError("counted FLOPs again")
+
+    monkeypatch.setattr("fxprune.methods.budget.flops_per_node", counting)
+    assert Budget(after, x, like=before).dense["flops"] > 0  # the convolutions: scaled, not counted
+    with pytest.raises(AssertionError, match="counted"):  # other input shapes: FLOPs change otherwise
+        Budget(larger, x[:, :, :6], like=before)

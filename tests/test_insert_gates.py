@@ -88,3 +88,15 @@ def test_gates_that_multiply_train_too():
     loss.backward()
     (gate,) = gates_of(gated)
     assert gate.weight.grad is not None and bool(gate.weight.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_gated_copy_leaves_the_analysed_model_alone_and_shares_tensors_only_when_asked(share):
+    model, x = Residual(8, 2), torch.randn(2, 1, 8, 8)
+    analysis = fxprune.analyze(model, x)
+    gated = insert_gates(analysis, share_tensors=share)
+    assert not any(isinstance(m, GatedBatchNorm) for m in analysis.gm.modules())
+    original = {id(t) for t in [*analysis.gm.parameters(), *analysis.gm.buffers()]}
+    copied = [t for name, t in [*gated.named_parameters(), *gated.named_buffers()] if "gates" not in name
+              and "units" not in name]
+    assert all((id(t) in original) == share for t in copied)

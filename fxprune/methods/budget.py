@@ -78,6 +78,22 @@ class _Term:
 
 
 @dataclass
+class _Share:
+    """A node's FLOPs spent multiplying ``weight`` (a parameter of ``numel`` entries), or, without
+    a weight, a fixed cost of a node whose inputs and output had ``shapes``."""
+
+    weight: str | None
+    flops: float
+    numel: int
+    shapes: list | None = None
+
+
+def _shapes(node: torch.fx.Node) -> list:
+    """The shapes of ``node``'s inputs and output, as shape propagation recorded them."""
+    return [getattr(x.meta.get("tensor_meta"), "shape", None) for x in (*node.all_input_nodes, node)]
+
+
+@dataclass
 class _Polynomial:
     """Terms in tensors, for one vectorised evaluation: term ``t`` is ``weight[t]`` times the mean
     of ``flat[entries]`` over each of its segments ``dims[t]`` times ``alive[layers[t]]``, both
@@ -143,12 +159,19 @@ def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
 class Budget:
     """Expected FLOPs and parameters of ``analysis.gm`` given keep probabilities.
 
+    ``like``: the budget of a model with the same graph and example inputs and other widths (the
+    model before a resize compacted or grew it). Its FLOPs per node, scaled by the size of each
+    weight the node multiplies, stand in for counting them again: exact for convolutions, linear
+    and recurrent layers, whose FLOPs go with their weights' sizes. Where that cannot be exact (other
+    input shapes, a node ``like`` does not have, a product of activations that changed shape) the
+    FLOPs are counted as usual.
+
     >>> budget = Budget(analysis, x)
     >>> p = {g: torch.full((size,), 0.5, requires_grad=True) for g, size in budget.groups.items()}
     >>> budget.expected(p, "flops").backward()  # differentiable in every p
     """
 
-    def __init__(self, analysis: Analysis, example_inputs: Any):
+    def __init__(self, analysis: Analysis, example_inputs: Any, like: Budget | None = None):
         self.analysis = analysis
         self.groups = {g.name: g.size for g in analysis.groups if g.prunable}  # prunable group -> units
         self.layers = [layer.name for layer in analysis.layers]
@@ -164,51 +187,90 @@ class Budget:
         emptied = [(self.layers.index(layer.name), name) for name in self.groups
                    if (layer := innermost_layer(analysis.layers, name)) is not None]
         self._emptied = _Emptied.of(emptied, self._offsets, self.groups)  # as compact removes layers
-        terms = {"flops": self._flops_terms(flops_per_node(analysis.gm, example_inputs)), "params": self._params_terms()}
+        self._members: dict[str, list] = {}
+        for m in analysis.space.members:
+            self._members.setdefault(m.owner, []).append(m)
+        self._layer_nodes = [set(layer.nodes) for layer in analysis.layers]
+        self._tensors = dict(analysis.gm.named_parameters())
+        self._nodes = {n.name: n for n in analysis.gm.graph.nodes}
+        self._weights: dict[str, list[str]] = {}  # node -> the weight matrices it multiplies
+        for owner, ms in self._members.items():
+            if owner in self._tensors and self._tensors[owner].dim() >= 2:
+                for node in dict.fromkeys(m.node for m in ms):
+                    self._weights.setdefault(node, []).append(owner)
+        self.shares = (like is not None and self._rescaled(like)) or self._shares(flops_per_node(analysis.gm, example_inputs))
+        terms = {"flops": self._flops_terms(), "params": self._params_terms()}
         self.dense = {metric: sum(t.weight for t in ts) for metric, ts in terms.items()}
         self._compiled = {metric: _Polynomial.of(ts, self._one, len(self.layers)) for metric, ts in terms.items()}
+
+    def _shares(self, flops: dict[str, int]) -> dict[str, list[_Share]]:
+        """Per node with FLOPs, how they divide over its weights (by size), or one fixed share."""
+        out = {}
+        for node, total in flops.items():
+            if total:
+                owners = sorted(self._weights.get(node, ()))
+                size = sum(self._tensors[w].numel() for w in owners)
+                out[node] = [_Share(w, total * self._tensors[w].numel() / size, self._tensors[w].numel())
+                             for w in owners] or [_Share(None, float(total), 0, _shapes(self._nodes[node]))]
+        return out
+
+    def _rescaled(self, like: Budget) -> dict[str, list[_Share]] | None:
+        """``like``'s shares with each weight's FLOPs scaled by its new size; None where that is not exact."""
+        inputs = [_shapes(n) for n in self._nodes.values() if n.op == "placeholder"]
+        if inputs != [_shapes(n) for n in like._nodes.values() if n.op == "placeholder"]:
+            return None  # other example inputs: FLOPs do not scale with the weights alone
+        if not set(self._weights) <= set(like.shares) | set(like._weights):
+            return None  # a node that multiplies a weight ``like`` never saw
+        out = {}
+        for node, shares in like.shares.items():
+            if node not in self._nodes or sorted(self._weights.get(node, ())) != [s.weight for s in shares if s.weight]:
+                return None
+            new = []
+            for share in shares:
+                if share.weight is None:
+                    if _shapes(self._nodes[node]) != share.shapes:
+                        return None
+                    new.append(share)
+                else:
+                    numel = self._tensors[share.weight].numel()
+                    new.append(_Share(share.weight, share.flops * numel / share.numel, numel))
+            out[node] = new
+        return out
 
     def _dims(self, owner: str, node: str | None = None) -> list[torch.Tensor]:
         """Flat index of every entry along each channel dim of tensor ``owner`` (as ``node`` uses it)."""
         out = {}
-        for m in self.analysis.space.members:
-            if m.owner == owner and (node is None or m.node == node) and m.dim not in out:
+        for m in self._members.get(owner, ()):
+            if (node is None or m.node == node) and m.dim not in out:
                 roots = self.analysis.roots[m.atoms.clamp(min=0)]
                 out[m.dim] = torch.where(m.atoms >= 0, self._root_index[roots], self._one)
         return list(out.values())
 
     def _layers_holding(self, nodes: set[str]) -> list[int]:
-        return [i for i, layer in enumerate(self.analysis.layers) if nodes and nodes <= set(layer.nodes)]
+        return [i for i, inside in enumerate(self._layer_nodes) if nodes and nodes <= inside]
 
-    def _flops_terms(self, flops: dict[str, int]) -> list[_Term]:
-        """Per node with FLOPs, one term per weight matrix it multiplies, its FLOPs shared by size."""
-        tensors = dict(self.analysis.gm.named_parameters())
+    def _flops_terms(self) -> list[_Term]:
+        """One term per share of each node's FLOPs (a weight it multiplies, or a fixed cost)."""
         terms = []
-        for node in self.analysis.gm.graph.nodes:
-            if not flops.get(node.name):
-                continue
-            layers = self._layers_holding({node.name})
-            weights = sorted({m.owner for m in self.analysis.space.members
-                              if m.node == node.name and m.owner in tensors and tensors[m.owner].dim() >= 2})
-            if not weights:  # a product of activations: a fixed cost
-                terms.append(_Term(flops[node.name], [], layers))
-            total = sum(tensors[w].numel() for w in weights)
-            terms += [_Term(flops[node.name] * tensors[w].numel() / total, self._dims(w, node.name), layers)
-                      for w in weights]
+        for node, shares in self.shares.items():
+            layers = self._layers_holding({node})
+            terms += [_Term(s.flops, self._dims(s.weight, node) if s.weight else [], layers) for s in shares]
         return terms
 
     def _params_terms(self) -> list[_Term]:
         """One term per parameter; it goes with a layer when only that layer's nodes use it."""
-        gm = self.analysis.gm
+        owners: dict[str, list[str]] = {}  # module path -> the parameters under it
+        for name in self._tensors:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                owners.setdefault(".".join(parts[:i]), []).append(name)
         users: dict[str, set[str]] = {}
-        tensors = dict(gm.named_parameters())
-        for node in gm.graph.nodes:
+        for node in self.analysis.gm.graph.nodes:
             if node.op in ("call_module", "get_attr"):
-                for name in tensors:
-                    if name == node.target or name.startswith(f"{node.target}."):
-                        users.setdefault(name, set()).add(node.name)
+                for name in owners.get(node.target, ()):
+                    users.setdefault(name, set()).add(node.name)
         return [_Term(t.numel(), self._dims(name), self._layers_holding(users.get(name, set())))
-                for name, t in tensors.items()]
+                for name, t in self._tensors.items()]
 
     def flat(self, probs: Probabilities) -> torch.Tensor:
         """Every group's unit probabilities in one float64 vector (1 for groups not in ``probs``), then a 1."""

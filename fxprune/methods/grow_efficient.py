@@ -88,7 +88,8 @@ class GrowEfficient:
       whose gate is off goes once its sampling probability is below ``layer_drop``.
 
     ``ge.model`` is the gated GraphModule to train (:meth:`weights` are its weights, without the
-    logits); its gates are ``gates_of(ge.model)``. ``model`` itself is never changed.
+    logits); its gates are ``gates_of(ge.model)``. ``ge.base`` is the same model without gates: it
+    holds the very tensors ``ge.model`` trains. ``model`` itself is never changed.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, target: float = 0.5, metric: str = "flops", *,
@@ -118,10 +119,10 @@ class GrowEfficient:
                budget: Budget | None = None) -> None:
         """Gate ``base``: ``self.model`` becomes a gated copy whose gate ``key`` starts at ``logits[key]``."""
         self.base, self.analysis = base, analysis
-        self.budget = budget if budget is not None else Budget(analysis, self.example_inputs)
+        self.budget = budget if budget is not None else Budget(analysis, self.example_inputs, like=self.budget)
         sample = GateSample()
         self.model = insert_gates(analysis, lambda key, size: SampledGate(key, logits[key], self.beta, sample),
-                                  groups=gated_groups(analysis))
+                                  groups=gated_groups(analysis), share_tensors=True)
         self._gates = {g.key: g for g in sample.gates}
         self._layout = _Layout.of(self._gates, self.budget, analysis)
         self._hard: tuple[torch.Tensor, tuple[float, float]] | None = None  # the last architecture and its cost
@@ -198,22 +199,12 @@ class GrowEfficient:
         summary = f"{self.metric}: {self.fraction():.2%} of dense (target {self.target:.0%}), beta {self.beta:.3g}"
         return f"{table}\n{summary}"
 
-    @torch.no_grad()
-    def sync(self) -> nn.Module:
-        """Copy the trained weights and buffers of ``ge.model`` into ``ge.base``; returns ``ge.base``."""
-        base = dict(self.base.named_parameters()) | dict(self.base.named_buffers())
-        gated = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        for name, base_name in _base_names(self.model).items():
-            if base_name in base:
-                base[base_name].copy_(gated[name])
-        return self.base
-
     def compact(self, round_to: int | None = None) -> tuple[torch.fx.GraphModule, Mapping]:
         """The final architecture (``s > 0``) as a dense model with the trained weights, and the
         mapping of its tensors from ``ge.base``. ``round_to`` keeps channel counts at its
         multiples, adding the off units of highest ``s`` (zeroed: the same function)."""
         scores = {key: gate.weight.detach() for key, gate in self.gates().items() if gate.weight.numel() > 1}
-        return compact_model(self.sync(), self.masks(), self.example_inputs, return_mapping=True,
+        return compact_model(self.base, self.masks(), self.example_inputs, return_mapping=True,
                              round_to=round_to, scores=scores)
 
     @torch.no_grad()
@@ -224,7 +215,8 @@ class GrowEfficient:
         :func:`fxprune.remap_optimizer` of the weight optimizer. The eval-mode function is kept."""
         old_model, old_analysis, gates = self.model, self.analysis, self.gates()
         keep, wanted = self._physical_masks(gates)
-        base, mapping = compact_model(self.sync(), keep, self.example_inputs, return_mapping=True)
+        base, mapping = compact_model(self.base, keep, self.example_inputs, analysis=old_analysis,
+                                      return_mapping=True)
         analysis = analyze(base, self.example_inputs)
         sources = _unit_sources(old_analysis, analysis, mapping)
         widen = {name: wanted[name] - int((gates[name].weight[src] <= 0).sum()) for name, src in sources.items()}
