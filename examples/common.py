@@ -68,6 +68,23 @@ def build_model(spatial_dims: int = 1, in_channels: int = 1, num_classes: int = 
     )
 
 
+def cifar_resnet(depth: int = 20, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> nn.Sequential:
+    """The CIFAR ResNet of He et al. (2016): a 3x3 stem, three stages of (depth - 2) / 6 residual
+    blocks of ``width``, 2 x ``width`` and 4 x ``width`` channels (the first block of the last two
+    downsamples, with a 1x1 projection), global average pooling and a linear classifier. Depth 20
+    and width 16 is ResNet-20."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
+    n = (depth - 2) // 6
+    blocks, c_in = [], width
+    for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+        for i in range(n):
+            blocks.append(ResidualBlock(nn.Conv2d, nn.BatchNorm2d, c_in, c_out, stride=2 if stage and not i else 1))
+            c_in = c_out
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -96,7 +113,8 @@ class Task:
 
 
 def load_task(name: str, path: str | Path | None = None, image_size: int = 32) -> Task:
-    """``"mnist1d"`` ((N, 1, 40) signals, generated offline) or ``"digits"`` ((N, 1, 8, 8) images);
+    """``"mnist1d"`` ((N, 1, 40) signals, generated offline), ``"digits"`` ((N, 1, 8, 8) images) or
+    ``"digits32"`` (the same upscaled to (N, 1, 32, 32));
     with ``path``, the user's images instead: CIFAR-10's python batches (a folder holding
     ``data_batch_1``, or ``cifar-10-batches-py``) or one folder per class, resized to
     ``image_size`` x ``image_size``."""
@@ -109,6 +127,8 @@ def load_task(name: str, path: str | Path | None = None, image_size: int = 32) -
         return Task(name, *data.mnist1d(), spatial_dims=1)
     if name == "digits":
         return Task(name, *data.digits(), spatial_dims=2)
+    if name == "digits32":  # CIFAR-sized: upscaled to 32 x 32
+        return Task(name, *data.digits(size=32), spatial_dims=2)
     raise ValueError(f"unknown dataset {name!r}")
 
 

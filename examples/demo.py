@@ -58,6 +58,7 @@ class Settings:
     grow_efficient: dict[str, float] = field(
         default_factory=lambda: {"seed": 0.25, "reserve": 0.15, "beta_final": 20.0, "tol": 0.01})
     resize_every: int = 50  # GrowEfficient: steps between physical resizes
+    channels_last: bool = False  # 4-D inputs in channels-last layout (faster CPU convolutions)
     alpha: float = 3e-4  # DST: weight of the threshold penalty
     structured: bool = True  # DST: whole filters (False: single weights, as in the paper)
 
@@ -133,7 +134,7 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
         if settings.cosine else []
     result = fit(trainee, loader, settings.epochs, optimizer, schedulers=schedulers,
                  resize_every=settings.resize_every, test_data=test if test_each_epoch else None, plot=plot,
-                 progress=progress)
+                 progress=progress, memory_format=torch.channels_last if settings.channels_last else None)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     final = result.model.eval()
     check = density = None

@@ -46,14 +46,19 @@ def _random_split(
     return TensorDataset(x_train, y[train]), TensorDataset(x_test, y[test])
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0, normalize: bool = True) -> Split:
-    """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes) as ``(N, 1, 8, 8)``."""
+def digits(test_fraction: float = 0.2, seed: int = 0, normalize: bool = True, size: int = 8) -> Split:
+    """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes) as ``(N, 1, size, size)``
+    (``size`` other than 8: resized bilinearly; 32 makes them CIFAR-sized)."""
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise ImportError("digits() needs scikit-learn: pip install scikit-learn") from e
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.tensor(bunch.target, dtype=torch.int64)
     return _random_split(x, y, test_fraction, seed, normalize)
 

@@ -123,6 +123,19 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
                 list(removed.values()), removed_nodes)
 
 
+def rounded(analysis: Analysis, masks: Masks, round_to: int, scores: Mapping[str, torch.Tensor] | None = None,
+            exact: bool = True) -> dict[str, torch.Tensor | bool]:
+    """What ``compact(..., round_to=round_to, scores=scores)`` keeps of ``masks``: every group named
+    in ``masks`` as the keep mask of its units that stay, every layer named as whether it stays (a
+    group the masks empty removes its layer). A cost computed from these is the cost of the model
+    ``compact`` returns."""
+    plan = resolve(analysis, masks, exact=exact, round_to=round_to, scores=scores)
+    removed = {layer.name for layer in plan.removed_layers}
+    layers = {layer.name for layer in analysis.layers}
+    keep = {g.name: k for g, k in zip(analysis.groups, plan.keep_unit)}
+    return {key: (key not in removed) if key in layers else keep.get(key, mask) for key, mask in masks.items()}
+
+
 def _round_up(analysis: Analysis, keep_unit: list[torch.Tensor], round_to: int, scores: Mapping[str, torch.Tensor],
               skip: set[str]) -> None:
     """Keep more units of each group that loses some, so that its channel count (units times the

@@ -225,3 +225,21 @@ def test_gates_draw_together_once_per_pass_and_a_copy_draws_its_own():
     assert len({id(d) for d in draws}) == 3  # each pass of the copy draws anew
     assert torch.equal(values[0], values[2])  # from the global generator
     assert sample._values is drawn  # and leaves the original's draw alone
+
+
+def test_rounded_architecture_is_what_compact_returns_and_what_the_controller_counts():
+    ge = make(round_to=4)
+    randomize(ge, torch.Generator().manual_seed(3))
+    small, _ = ge.compact()
+    assert ge.cost() == fxprune.cost(small, X)  # the controller's cost: the rounded model's
+    counts = [m.weight.shape[0] for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c % 4 == 0 or c == 8 for c in counts), counts
+    unrounded = ge.compact(round_to=1)[0]
+    assert fxprune.cost(unrounded, X).flops < ge.cost().flops  # rounding kept more units
+
+
+@pytest.mark.parametrize("kwargs, match", [({"target": 0.0}, "target"), ({"target": 1.2}, "target"),
+                                           ({"round_to": 0}, "round_to"), ({"epochs": 0}, "epochs")])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)

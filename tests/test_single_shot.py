@@ -108,7 +108,7 @@ def test_budget_is_reached_with_the_fewest_removals(metric, target):
 def test_unreachable_target_warns_and_keeps_one_unit_per_group():
     ss = SingleShot(Residual(8, 2), X[:2])
     with pytest.warns(UserWarning, match="out of reach"):
-        masks = ss.masks((X, Y), F.cross_entropy, target=0.0)
+        masks = ss.masks((X, Y), F.cross_entropy, target=1e-6)
     assert all(int(m.sum()) == 1 for m in masks.values())
 
 
@@ -127,3 +127,23 @@ def test_compact_is_exact_and_reinit_resets():
         if name.endswith("conv1.weight"):
             assert not torch.equal(p, q), name
     assert all(float(m.running_var.min()) == 1.0 for m in fresh.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("target", [0.0, 1.5])
+def test_target_outside_the_unit_interval_is_refused(target):
+    with pytest.raises(ValueError, match="target"):
+        SingleShot(Residual(8, 2), X[:2]).masks((X, Y), F.cross_entropy, target=target)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_rounded_ranking_keeps_multiples_and_meets_the_target_after_rounding(target):
+    torch.manual_seed(0)
+    model = Residual(12, 2)
+    ss = SingleShot(model, X[:2])
+    masks = ss.masks((X, Y), F.cross_entropy, target=target, round_to=4)
+    sizes = {g.name: g.size for g in ss.analysis.groups}
+    assert all(int(m.sum()) % 4 == 0 or int(m.sum()) == sizes[k] for k, m in masks.items())
+    small = ss.compact(masks, reinit=True)  # trained from scratch: the rounded units count too
+    assert fxprune.cost(small, X[:2]).flops <= target * fxprune.cost(model, X[:2]).flops
+    unrounded = ss.masks((X, Y), F.cross_entropy, target=target)
+    assert any(int(m.sum()) % 4 for m in unrounded.values())  # rounding changed something

@@ -31,7 +31,7 @@ from ..masks import innermost_layer
 from ..trace import as_tuple
 
 METRICS = ("flops", "params")
-Probabilities = Mapping[str, torch.Tensor]  # group name -> p per unit; layer name -> q (one element)
+Probabilities = Mapping[str, "torch.Tensor | bool"]  # group -> p per unit; layer -> q (one element, or a bool)
 
 
 class _FlopsPerNode(torch.fx.Interpreter):
@@ -275,15 +275,15 @@ class Budget:
     def flat(self, probs: Probabilities) -> torch.Tensor:
         """Every group's unit probabilities in one float64 vector (1 for groups not in ``probs``), then a 1."""
         ones = _ones(probs)
-        parts = [ones(size) if probs.get(name) is None else probs[name].reshape(size).double()
+        parts = [ones(size) if probs.get(name) is None else torch.as_tensor(probs[name]).reshape(size).double()
                  for name, size in self.groups.items()]
         return torch.cat(parts + [ones(1)])
 
     def layer_probabilities(self, probs: Probabilities) -> torch.Tensor:
         """Every removable layer's own probability of staying, in order (1 for layers not in ``probs``)."""
         ones = _ones(probs)
-        return torch.cat([ones(0)] + [ones(1) if probs.get(name) is None else probs[name].reshape(1).double()
-                                      for name in self.layers])
+        return torch.cat([ones(0)] + [ones(1) if probs.get(name) is None
+                                      else torch.as_tensor(probs[name]).reshape(1).double() for name in self.layers])
 
     def expected(self, probs: Probabilities, metric: str = "flops") -> torch.Tensor:
         """E[FLOPs] of one call on the example inputs, or E[parameters] (a float64 scalar tensor)."""

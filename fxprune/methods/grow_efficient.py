@@ -40,6 +40,7 @@ from ..compact import compact as compact_model
 from ..cost import Cost
 from ..grow import grow
 from ..mapping import Mapping, TensorMap
+from ..masks import rounded
 from ..modules.gate import WRAPPERS, Gate
 from ..optim import remap_optimizer
 from .budget import METRICS, Budget, gated_groups
@@ -78,6 +79,11 @@ class GrowEfficient:
       removes that layer, as :func:`fxprune.compact` does), so the masks always compact. The
       eval-mode gated model then differs from the compacted one (it has the group empty, and a
       layer's branch still adds the constant its emptied group leaves).
+    - ``round_to``: the final architecture keeps channel counts at multiples of ``round_to`` (the
+      channel block the hardware computes in: 16 floats for an AVX-512 CPU, 8 halves for a GPU's
+      tensor cores), the off units of highest ``s`` filling up each group, and the controller
+      measures the cost of that rounded architecture, so that the model :meth:`compact` returns
+      meets the target.
     - Physical resizing (:meth:`resize`, called every few steps by :func:`~.train.fit`): the units
       that are off go, except a reserve: the ``ceil(reserve * on)`` off units of highest ``s`` in
       each group (at least one, and two units in all, since :func:`fxprune.grow` cannot widen a
@@ -95,14 +101,18 @@ class GrowEfficient:
     def __init__(self, model: nn.Module, example_inputs: Any, target: float = 0.5, metric: str = "flops", *,
                  epochs: int, seed: float = 0.25, seed_layers: float = 1.0, s0: float = 1.0,
                  beta_final: float = 200.0, lam: float = 0.5, tol: float = 0.05, lr: float = 0.1,
-                 momentum: float = 0.9, reserve: float = 0.25, layer_drop: float = 0.01):
+                 momentum: float = 0.9, reserve: float = 0.25, layer_drop: float = 0.01, round_to: int | None = None):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if not 0 < target <= 1:
+            raise ValueError(f"target must be a fraction of the original cost in (0, 1], got {target}")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
         if epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         self.example_inputs, self.target, self.metric = example_inputs, target, metric
         self.s0, self.lam0, self.tol, self.lam = s0, lam, tol, 0.0
-        self.reserve, self.layer_drop = reserve, layer_drop
+        self.reserve, self.layer_drop, self.round_to = reserve, layer_drop, round_to
         self.beta, self.beta_final = 1.0, beta_final
         self.beta_growth = beta_final ** (1 / (epochs - 1)) if epochs > 1 else 1.0
         base = copy.deepcopy(model)
@@ -167,7 +177,11 @@ class GrowEfficient:
         """FLOPs and parameters of ``s > 0``, recomputed only when some gate crossed zero."""
         hard = self._layout.hard(self._logits())
         if self._hard is None or not torch.equal(hard, self._hard[0]):
-            flat, layers = self._layout.budget_inputs(hard.double())
+            if self.round_to:  # the architecture compact() returns
+                masks = rounded(self.analysis, self.masks(), self.round_to, self._scores())
+                flat, layers = self.budget.flat(masks), self.budget.layer_probabilities(masks)
+            else:
+                flat, layers = self._layout.budget_inputs(hard.double())
             self._hard = hard, tuple(float(self.budget.evaluate(flat, layers, metric)) for metric in METRICS)
         return self._hard[1]
 
@@ -201,11 +215,15 @@ class GrowEfficient:
 
     def compact(self, round_to: int | None = None) -> tuple[torch.fx.GraphModule, Mapping]:
         """The final architecture (``s > 0``) as a dense model with the trained weights, and the
-        mapping of its tensors from ``ge.base``. ``round_to`` keeps channel counts at its
-        multiples, adding the off units of highest ``s`` (zeroed: the same function)."""
-        scores = {key: gate.weight.detach() for key, gate in self.gates().items() if gate.weight.numel() > 1}
+        mapping of its tensors from ``ge.base``. ``round_to`` (default: ``ge.round_to``) keeps
+        channel counts at its multiples, adding the off units of highest ``s`` (zeroed: the same
+        function)."""
         return compact_model(self.base, self.masks(), self.example_inputs, return_mapping=True,
-                             round_to=round_to, scores=scores)
+                             round_to=self.round_to if round_to is None else round_to, scores=self._scores())
+
+    def _scores(self) -> dict[str, torch.Tensor]:
+        """The logits of every group gate: which off units rounding keeps first."""
+        return {key: gate.weight.detach() for key, gate in self._gates.items() if key not in self._layout.layer_keys}
 
     @torch.no_grad()
     def resize(self) -> Mapping:

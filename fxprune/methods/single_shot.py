@@ -24,6 +24,7 @@ from fxprune.passes.insert_gates import gates_of, insert_gates
 
 from ..analysis import analyze
 from ..compact import compact as compact_model
+from ..masks import rounded
 from ..trace import as_tuple
 from .budget import METRICS, Budget, gated_groups
 
@@ -69,9 +70,12 @@ class SingleShot:
                 for key, s in self.sensitivities(batch, loss_fn).items()}
 
     @torch.no_grad()
-    def rank(self, scores: dict[str, torch.Tensor], target: float, metric: str = "flops") -> dict[str, torch.Tensor]:
+    def rank(self, scores: dict[str, torch.Tensor], target: float, metric: str = "flops",
+             round_to: int | None = None) -> dict[str, torch.Tensor]:
         """Masks that remove the lowest-scoring units, the fewest that bring the cost to ``target``
-        times the dense cost; each group keeps its best unit. Warns if the target is out of reach."""
+        times the dense cost; each group keeps its best unit. Warns if the target is out of reach.
+        ``round_to``: every group keeps a multiple of ``round_to`` channels (or all of them), the
+        removed units of highest score coming back, and the target holds for that architecture."""
         keys = list(scores)
         candidates = []  # (score, group, unit), every unit but each group's best
         for key in keys:
@@ -85,7 +89,7 @@ class SingleShot:
             masks = {key: torch.ones(len(scores[key]), dtype=torch.bool) for key in keys}
             for _, key, u in candidates[:k]:
                 masks[key][u] = False
-            return masks
+            return rounded(self.analysis, masks, round_to, scores) if round_to else masks
 
         def cost(k: int) -> float:
             return float(self.budget.expected({key: m.float() for key, m in masks_without(k).items()}, metric))
@@ -101,12 +105,15 @@ class SingleShot:
         return masks_without(lo)
 
     def masks(self, batch: tuple[Any, Any], loss_fn: Callable[[Any, Any], torch.Tensor], target: float = 0.5,
-              metric: str = "flops") -> dict[str, torch.Tensor]:
+              metric: str = "flops", round_to: int | None = None) -> dict[str, torch.Tensor]:
         """Keep masks for every prunable group that bring the cost in ``metric`` ("flops" or
-        "params") to ``target`` times the dense cost, from one pass on ``batch``."""
+        "params") to ``target`` times the dense cost, from one pass on ``batch``; ``round_to``:
+        channel counts at its multiples (:meth:`rank`), which the hardware runs fastest."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        return self.rank(self.scores(batch, loss_fn, metric), target, metric)
+        if not 0 < target <= 1:
+            raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got {target}")
+        return self.rank(self.scores(batch, loss_fn, metric), target, metric, round_to)
 
     def compact(self, masks: dict[str, torch.Tensor], reinit: bool = False, round_to: int | None = None,
                 scores: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
