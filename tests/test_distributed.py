@@ -6,8 +6,13 @@ two-rank run with one process training on the global batch.
 """
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ from fxprune.methods.train import TRAIN_FLOPS_PER_FORWARD
 from training_runs import ResidualMLP, dataset, ge_run, mlp_outcome, sharded
 
 RANKS = 2
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
 
 
 def free_port() -> int:
@@ -115,3 +121,17 @@ def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(ranks):
     assert first["whole"] == first["resumed"] == second["whole"] == second["resumed"]
     assert first["history"][0] == first["history"][1]  # seconds aside, the same records
     assert first["files"] == ["fit.ckpt"] and second["files"] == []  # rank 1 read rank 0's checkpoint
+
+
+def test_the_example_runs_under_torchrun(tmp_path):
+    """examples/distributed.py as the README launches it, on two ranks."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(EXAMPLE), "--epochs", "1",
+                           "--samples", "400", "--quiet", "--checkpoint-dir", str(tmp_path), "--summary",
+                           str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("2 rank(s): 2 steps") == 1, done.stdout  # printed by rank 0 only
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ranks"] == RANKS and summary["steps"] == 2 and summary["flops"] > 0
+    assert (tmp_path / "fit.ckpt").exists()
