@@ -6,9 +6,10 @@ model in ``DistributedDataParallel``, keeps the gates and every resize identical
 reduces the metrics; rank 0 shows the progress, writes a checkpoint every ``--checkpoint-every``
 steps, and prints the final architecture. ``--batch-size`` is the global batch, split among the
 ranks, so that 1 and N ranks train on the same batches. Kill a run and start it again with
-``--resume``: it goes on from the last checkpoint and ends as the uninterrupted run would.
+``--resume``: it goes on from the last checkpoint and ends as the uninterrupted run would. It
+trains on the CPU (gloo): GrowEfficient creates its gates on the CPU.
 
-    torchrun --nproc_per_node=2 examples/distributed.py                 # 2 ranks: gloo on CPU, nccl on GPUs
+    torchrun --nproc_per_node=2 examples/distributed.py                 # 2 ranks
     torchrun --nproc_per_node=2 examples/distributed.py --resume        # go on after an interruption
     python examples/distributed.py                                      # one process
 """
@@ -40,7 +41,8 @@ def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch, split among ranks")
-    parser.add_argument("--target", type=float, default=defaults.target, help="FLOPs as a fraction of the dense model's")
+    parser.add_argument("--target", type=float, default=defaults.target,
+                        help="FLOPs as a fraction of the dense model's")
     parser.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples (80%% train, 20%% test)")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINTS)
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps")
@@ -53,15 +55,15 @@ def arguments() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(arguments(), argv)
-    device = setup()
+    setup("gloo")
     world = World.current()
     if args.batch_size % world.size:
         raise SystemExit(f"--batch-size {args.batch_size} does not split among {world.size} ranks")
     settings = Settings(epochs=args.epochs, batch_size=args.batch_size, target=args.target)
     task = Task("mnist1d", *data.mnist1d(num_samples=args.samples), spatial_dims=1)
     seed_everything(args.seed)  # the same initial model on every rank
-    x = task.test.tensors[0][:1].to(device)
-    ge = GrowEfficient(task.model().to(device), x, target=settings.target, metric="flops", epochs=settings.epochs,
+    x = task.test.tensors[0][:1]
+    ge = GrowEfficient(task.model(), x, target=settings.target, metric="flops", epochs=settings.epochs,
                        **settings.grow_efficient)
     ge.resize()
     sampler = DistributedSampler(task.train, num_replicas=world.size, rank=world.rank, seed=args.seed)
@@ -79,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "ranks": world.size, "epochs": settings.epochs, "steps": len(result.history),
             "seconds": result.history[-1].seconds, "cpu_seconds": cpu_seconds,
-            "architecture": {k: int(v.sum()) if isinstance(v, torch.Tensor) else bool(v) for k, v in ge.masks().items()},
+            "architecture": {k: int(v.sum()) if isinstance(v, torch.Tensor) else bool(v)
+                             for k, v in ge.masks().items()},
             "flops": final.flops, "params": final.params,
-            "test_accuracy": accuracy(predict(result.model.cpu(), task.test), task.test),
+            "test_accuracy": accuracy(predict(result.model, task.test), task.test),
         }
         print(f"{world.size} rank(s): {summary['steps']} steps in {summary['seconds']:.1f} s; "
               f"final architecture {summary['architecture']}; {final.flops:,} FLOPs, {final.params:,} parameters; "

@@ -194,7 +194,8 @@ def scenario_resume(rank: int, out: Path) -> dict[str, Any]:
         run("cut", stop_at=5)
     _, resumed = run("cut", resume=True)
     return {"whole": state_digest(whole.model), "resumed": state_digest(resumed.model),
-            "history": (history(whole), history(resumed)), "files": sorted(p.name for p in (out / f"cut-{rank}").glob("*"))}
+            "history": (history(whole), history(resumed)),
+            "files": sorted(p.name for p in (out / f"cut-{rank}").glob("*"))}
 
 
 SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {

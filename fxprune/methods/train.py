@@ -7,6 +7,9 @@ the weight optimizer follows (:func:`fxprune.remap_optimizer`, with its schedule
 that trains is physically the size of its current architecture. DST keeps its dense shapes while
 training (its masks are per weight) and is compacted at the end (:meth:`DST.compact`).
 
+``fit`` also trains on several ranks under ``torchrun`` (:mod:`.distributed`) and resumes a killed
+run from its checkpoint (:mod:`.resume`).
+
 Training FLOPs count forward plus backward as 3 times the forward FLOPs (the backward pass
 computes gradients for activations and weights, each about as costly as the forward pass) of the
 physical model, per sample: ``3 * cost(model, x[:1]).flops * batch size`` per step.
@@ -108,6 +111,11 @@ def fit(method: GrowEfficient | DST | nn.Module, train_data: DataLoader, epochs:
         history, spent, elapsed = [Record(**r) for r in state["history"]], state["train_flops"], state["seconds"]
     trainer = world.wrap(_model(method))
     start, sample, physical = time.perf_counter() - elapsed, None, None
+
+    def checkpoint() -> None:
+        own = {"history": [asdict(r) for r in history], "train_flops": spent, "seconds": time.perf_counter() - start}
+        checkpoints.save(method, _model(method), optimizer, schedulers, train_data, own)
+
     per_epoch = len(train_data)
     with tqdm(total=epochs * per_epoch, initial=len(history), desc=type(method).__name__, unit="step",
               file=sys.stdout, dynamic_ncols=True, disable=not (progress and world.main)) as bar:
@@ -123,18 +131,15 @@ def fit(method: GrowEfficient | DST | nn.Module, train_data: DataLoader, epochs:
                     trainer = world.wrap(method.model)
                 physical = physical or cost(_physical(method), sample)  # it changes only when resized
                 output, loss = _step(trainer, method, optimizer, schedulers, inputs, targets, loss_fn)
-                right = float((output.argmax(-1) == targets).sum())
-                loss_sum, right, samples = world.sum([loss * len(inputs), right, len(inputs)])  # over all ranks
+                loss, accuracy, samples = _batch_metrics(world, output, targets, loss)
                 spent += TRAIN_FLOPS_PER_FORWARD * physical.flops * samples
                 flops, params = _architecture(method, physical)
-                history.append(Record(len(history) + 1, epoch, spent, flops, params, loss_sum / samples,
-                                      right / samples, time.perf_counter() - start))
+                history.append(Record(len(history) + 1, epoch, spent, flops, params, loss, accuracy,
+                                      time.perf_counter() - start))
                 bar.update()
-                bar.set_postfix(loss=f"{history[-1].loss:.3f}", acc=f"{history[-1].accuracy:.2f}", flops=_si(flops),
-                                params=_si(params))
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", flops=_si(flops), params=_si(params))
                 if checkpoints and checkpoints.due(len(history)) and len(history) % per_epoch:
-                    checkpoints.save(method, _model(method), optimizer, schedulers, train_data,
-                                     _progress(history, spent, start))
+                    checkpoint()
             world.broadcast_state(_model(method))  # rank 0's buffers, which the checkpoint holds
             if hasattr(method, "after_epoch"):
                 method.after_epoch()
@@ -144,8 +149,7 @@ def fit(method: GrowEfficient | DST | nn.Module, train_data: DataLoader, epochs:
                 if progress and world.main:
                     bar.write(f"epoch {epoch + 1}/{epochs}: test accuracy {history[-1].test_accuracy:.2%}")
             if checkpoints:
-                checkpoints.save(method, _model(method), optimizer, schedulers, train_data,
-                                 _progress(history, spent, start))
+                checkpoint()
     sample = sample if sample is not None else next(iter(train_data))[0][:1]  # a run resumed at its end
     result = FitResult(_final(method, sample), history, optimizer)
     if plot is not None and world.main:
@@ -161,13 +165,17 @@ def _fingerprint(method: GrowEfficient | DST | nn.Module, train_data: DataLoader
     own = method.settings() if hasattr(method, "settings") else {}
     return fingerprint(_model(method), method.masks() if isinstance(method, GrowEfficient) else None,
                        method=type(method).__name__, **{f"{type(method).__name__}.{k}": v for k, v in own.items()},
-                       optimizer=f"{type(optimizer).__name__} {groups}", schedulers=[type(s).__name__ for s in schedulers],
-                       batches_per_epoch=len(train_data), sampler=describe_sampler(train_data), **settings)
+                       optimizer=f"{type(optimizer).__name__} {groups}",
+                       schedulers=[type(s).__name__ for s in schedulers], batches_per_epoch=len(train_data),
+                       sampler=describe_sampler(train_data), **settings)
 
 
-def _progress(history: list[Record], spent: float, start: float) -> dict[str, Any]:
-    """fit's own state, as plain data for a checkpoint."""
-    return {"history": [asdict(r) for r in history], "train_flops": spent, "seconds": time.perf_counter() - start}
+def _batch_metrics(world: World, output: torch.Tensor, targets: torch.Tensor,
+                   loss: float) -> tuple[float, float, float]:
+    """The step's mean task loss and accuracy, and its number of samples, over all ranks."""
+    right = float((output.argmax(-1) == targets).sum())
+    loss_sum, right, samples = world.sum([loss * len(targets), right, len(targets)])
+    return loss_sum / samples, right / samples, samples
 
 
 def _model(method: GrowEfficient | DST | nn.Module) -> nn.Module:
