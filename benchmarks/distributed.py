@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,10 @@ def section(args: argparse.Namespace, runs: list[list[dict]], load: tuple | None
              f"{' / '.join(f'{v:.1f}' for v in end)} at the end"] if load and end else []
     description = __doc__.split("\n\n")[1:-1]
     architecture = ", ".join(f"{k}: {v}" for k, v in runs[0][0]["architecture"].items())
+    per_epoch = lambda run, key: run[key] / run["epochs"]  # noqa: E731
+    wall = statistics.mean(per_epoch(two, "seconds") / per_epoch(one, "seconds") for one, two in runs)
+    cpu = statistics.mean(per_epoch(two, "cpu_seconds") / per_epoch(one, "cpu_seconds") for one, two in runs)
+    same = sum(one["architecture"] == two["architecture"] for one, two in runs)
     return "\n".join([
         SECTION, "",
         f"Command: `{command(__file__)}`", "",
@@ -92,6 +97,8 @@ def section(args: argparse.Namespace, runs: list[list[dict]], load: tuple | None
         *[line for paragraph in description for line in (paragraph, "")],
         f"This run: {args.epochs} epochs, seed {args.seed}, {args.rounds} round(s).", "",
         tabulate(rows(runs), HEADERS, tablefmt="github"), "",
+        f"Mean over the rounds: 2 ranks took {wall:.2f}x the wall-clock time and {cpu:.2f}x the CPU time of "
+        f"1 rank per epoch; the final architecture was the same in {same} of {len(runs)} round(s).", "",
         f"Final architecture of the first 1-rank run (units on per gate; blocks kept): {architecture}.", "",
     ])
 
