@@ -18,7 +18,7 @@ How the ranks stay identical:
   same dropout masks and DataLoader worker seeds. The data differ: DistributedSampler, with its
   own seed, gives each rank other samples.
 - Buffers (BatchNorm statistics) follow each rank's batches; DDP copies rank 0's at every forward
-  pass, and fit broadcasts rank 0's before each resize, at the end of each epoch and of training.
+  pass, and fit broadcasts rank 0's before each resize and at the end of each epoch.
 - A resize is then a deterministic function of the same inputs on every rank. Its result is
   checked (the architectures' fingerprints are compared after each resize) and wrapped in a new
   ``DistributedDataParallel``, whose gradient buckets hold the new parameters.
@@ -67,8 +67,8 @@ def setup(backend: str | None = None, timeout: datetime.timedelta | None = None)
 
 @dataclass(frozen=True)
 class World:
-    """This process's ``rank`` among ``size`` ranks: 0 of 1 where no process group is initialized,
-    and then every method is a no-op."""
+    """This process's ``rank`` among ``size`` ranks: 0 of 1 where no process group is initialized
+    (or a group of one), and then every method is a no-op."""
 
     rank: int = 0
     size: int = 1

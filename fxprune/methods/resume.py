@@ -107,8 +107,8 @@ class Checkpoints:
         if self.world.main:
             try:
                 found = ("state", read(self.path)) if self.path.exists() else None
-            except CheckpointError as e:
-                found = ("error", str(e))
+            except (CheckpointError, OSError) as e:  # raised on every rank, not only here
+                found = ("error", str(e) if isinstance(e, CheckpointError) else f"{self.path}: cannot read it: {e}")
         found = self.world.broadcast_object(found)
         if found is None:
             return None
