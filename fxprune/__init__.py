@@ -3,7 +3,8 @@ from .analysis import Analysis, ChannelGroup, GroupMember, analyze
 from .checkpoint import load, save
 from .compact import apply_masks, compact
 from .cost import Cost, cost
-from .errors import CheckpointError, CompactError, ExportError, FxpruneError, GrowError, MaskError, TraceError
+from .errors import (CheckpointError, CompactError, DistributedError, ExportError, FxpruneError, GrowError, MaskError,
+                     TraceError)
 from .grow import grow
 from .layers import Layer
 from .mapping import Mapping, TensorMap
@@ -11,7 +12,7 @@ from .optim import remap_optimizer
 from .trace import trace
 
 __all__ = [
-    "Analysis", "ChannelGroup", "CheckpointError", "CompactError", "Cost", "ExportError", "FxpruneError",
-    "GroupMember", "GrowError", "Layer", "Mapping", "MaskError", "TensorMap", "TraceError", "analyze",
+    "Analysis", "ChannelGroup", "CheckpointError", "CompactError", "Cost", "DistributedError", "ExportError",
+    "FxpruneError", "GroupMember", "GrowError", "Layer", "Mapping", "MaskError", "TensorMap", "TraceError", "analyze",
     "apply_masks", "compact", "cost", "grow", "load", "remap_optimizer", "save", "trace",
 ]

@@ -10,6 +10,7 @@ not know.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -21,7 +22,7 @@ import os
 import re
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.fx
@@ -52,6 +53,7 @@ TORCH_ENUMS = {"dtype": torch.dtype, "memory_format": torch.memory_format, "layo
 NODE_TYPES = {t.__name__: t for t in (torch.Tensor, int, float, bool, str)}  # annotations kept; others dropped
 
 PathLike = str | os.PathLike
+Target = PathLike | BinaryIO  # a path, or a binary file object (io.BytesIO, an open file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +244,9 @@ ENCODERS: dict[type, Callable[[_Writer, Any, str], Any]] = {
 }
 
 
-def save(model: torch.fx.GraphModule, path: PathLike) -> None:
-    """Write ``model`` to ``path`` so that :func:`load` rebuilds it in any process, without the
-    code of the model it came from.
+def save(model: torch.fx.GraphModule, path: Target) -> None:
+    """Write ``model`` to ``path`` (a file name, or a binary file object) so that :func:`load`
+    rebuilds it in any process, without the code of the model it came from.
 
     Everything is checked before the file is written: a node calling a function, or a module of a
     class, outside fxprune's allow-list, or a module with forward or backward hooks, raises
@@ -391,29 +393,32 @@ DECODERS: dict[str, Callable[[_Reader, Any], Any]] = {
 }
 
 
-def load(path: PathLike) -> torch.fx.GraphModule:
-    """The GraphModule that :func:`save` wrote to ``path``: same graph, module classes, parameter
-    names, tensors (tied ones still shared), ``requires_grad`` and train/eval modes.
+def load(path: Target) -> torch.fx.GraphModule:
+    """The GraphModule that :func:`save` wrote to ``path`` (a file name, or a binary file object):
+    same graph, module classes, parameter names, tensors (tied ones still shared),
+    ``requires_grad`` and train/eval modes.
 
     Tensors are read with ``torch.load(weights_only=True)``; functions and module classes come only
     from fxprune's allow-list, and running the graph reads no attribute and calls no method whose
     name starts with ``__``. A file that is not a complete fxprune checkpoint of a version this
-    fxprune reads raises :class:`CheckpointError` naming ``path``; a missing or unreadable file
-    raises the ``OSError`` from opening it.
+    fxprune reads raises :class:`CheckpointError` naming ``path`` (or a file object's ``name``); a
+    missing or unreadable file raises the ``OSError`` from opening it.
     """
-    with open(path, "rb") as f:
+    stream = hasattr(path, "read")
+    where = getattr(path, "name", "<file object>") if stream else path
+    with contextlib.nullcontext(path) if stream else open(path, "rb") as f:
         try:
             saved = torch.load(f, weights_only=True)
         except Exception as e:
             reason = (str(e).strip() or "-").splitlines()[0]
-            raise CheckpointError(f"{path}: torch.load cannot read it (not a torch file, or truncated or "
+            raise CheckpointError(f"{where}: torch.load cannot read it (not a torch file, or truncated or "
                                   f"corrupted): {type(e).__name__}: {reason}") from e
     if not (isinstance(saved, dict) and saved.get("format") == FORMAT):
-        raise CheckpointError(f"{path}: not an fxprune checkpoint (a torch file holding a {type(saved).__name__} "
+        raise CheckpointError(f"{where}: not an fxprune checkpoint (a torch file holding a {type(saved).__name__} "
                               f"without format '{FORMAT}'; write checkpoints with fxprune.save)")
     version = saved.get("version")
     if isinstance(version, int) and version > VERSION:
-        raise CheckpointError(f"{path}: written in checkpoint format version {version} by a newer fxprune; "
+        raise CheckpointError(f"{where}: written in checkpoint format version {version} by a newer fxprune; "
                               f"this one reads version {VERSION}: upgrade fxprune")
     try:
         if version != VERSION:
@@ -422,9 +427,9 @@ def load(path: PathLike) -> torch.fx.GraphModule:
             raise CheckpointError("its spec does not match its checksum: the file is corrupted")
         return _build(json.loads(saved["spec"]), saved["state"])
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        raise CheckpointError(f"{where}: {e}") from e
     except Exception as e:
-        raise CheckpointError(f"{path}: malformed fxprune checkpoint: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{where}: malformed fxprune checkpoint: {type(e).__name__}: {e}") from e
 
 
 def _build(spec: dict, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:

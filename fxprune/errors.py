@@ -29,3 +29,8 @@ class CheckpointError(FxpruneError):
 
 class GrowError(FxpruneError):
     """A growth request that cannot be carried out as asked."""
+
+
+class DistributedError(FxpruneError):
+    """The ranks of a distributed run disagree (model, masks, settings or data); raised on every
+    rank, naming the rank and what differs."""

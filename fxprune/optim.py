@@ -29,7 +29,7 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, old_model: nn.Module, new_
     """
     old = dict(old_model.named_parameters(remove_duplicate=False))
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in optimizer.param_groups]
+    groups: list[list[nn.Parameter]] = [[] for _ in optimizer.param_groups]
     state, last = {}, None  # the group of the parameter before, if this optimizer trains it
     for name, p in new_model.named_parameters():
         if name not in mapping:
@@ -42,13 +42,61 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, old_model: nn.Module, new_
             last = group_of.get(id(source))  # None: the optimizer does not train its source (frozen, or another optimizer's)
         if last is None:
             continue
-        groups[last]["params"].append(p)
+        groups[last].append(p)
         if source is not None and source in optimizer.state:
             state[p] = {k: _carry(v, m, source, p) for k, v in optimizer.state[source].items()}
-    new = type(optimizer)(groups, **_accepted(type(optimizer), optimizer.defaults))
+    new = optimizer_like(optimizer, groups)
     new.state.update(state)
+    rebind_schedulers(schedulers, optimizer, new)
+    return new
+
+
+def optimizer_like(optimizer: torch.optim.Optimizer, groups: list[list[nn.Parameter]]) -> torch.optim.Optimizer:
+    """A new optimizer of ``optimizer``'s class and defaults over ``groups``, one list of parameters
+    per parameter group of ``optimizer``, each with that group's hyperparameters; without state."""
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{len(groups)} parameter groups given for an optimizer of {len(optimizer.param_groups)}")
+    param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": params}
+                    for g, params in zip(optimizer.param_groups, groups)]
+    return type(optimizer)(param_groups, **_accepted(type(optimizer), optimizer.defaults))
+
+
+def rebind_schedulers(schedulers: Iterable[Any], old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Point each of ``schedulers`` (learning-rate schedulers of ``old``) at ``new``, so that its
+    schedule goes on there."""
     for s in schedulers:
-        _rebind(s, optimizer, new)
+        _rebind(s, old, new)
+
+
+def named_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with the name in ``model`` of every parameter of every group, so
+    that :func:`load_named_state_dict` can put it back on a rebuilt copy of ``model``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    unnamed = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in names]
+    if unnamed:
+        raise FxpruneError(f"the optimizer trains {len(unnamed)} parameter(s) that the model does not have")
+    return {"names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
+            "state": optimizer.state_dict()}
+
+
+def load_named_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module,
+                          saved: dict[str, Any]) -> torch.optim.Optimizer:
+    """A new optimizer like ``optimizer`` over the parameters of ``model`` that ``saved`` (from
+    :func:`named_state_dict`) names, with their saved state and hyperparameters. Raises
+    :class:`FxpruneError` naming a parameter that ``model`` lacks or whose state has another shape."""
+    params = dict(model.named_parameters())
+    missing = [n for group in saved["names"] for n in group if n not in params]
+    if missing:
+        raise FxpruneError(f"the saved optimizer trains parameter(s) {missing[:5]} that the model does not have")
+    new = optimizer_like(optimizer, [[params[n] for n in group] for group in saved["names"]])
+    new.load_state_dict(saved["state"])
+    for name in (n for group in saved["names"] for n in group):
+        p = params[name]
+        wrong = [k for k, v in new.state.get(p, {}).items()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape]
+        if wrong:
+            raise FxpruneError(f"the saved optimizer state {wrong} of parameter '{name}' has another shape than "
+                               f"the parameter {tuple(p.shape)}")
     return new
 
 

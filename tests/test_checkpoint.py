@@ -359,6 +359,16 @@ def test_plain_json_meta_is_kept(tmp_path):
     assert loaded.meta == {"note": {"epochs": [1, 2]}, "fxprune_deviation": 0.25, "fxprune_report": []}
 
 
+def test_file_objects_round_trip_and_are_named_in_errors():
+    gm, (x,) = tied()
+    buffer = io.BytesIO()
+    save(gm, buffer)
+    buffer.seek(0)
+    assert_same_bits(run(load(buffer), (x,)), run(gm, (x,)), "outputs of the model loaded from memory")
+    with pytest.raises(CheckpointError, match="^<file object>: torch.load cannot read it"):
+        load(io.BytesIO(b"not a checkpoint"))
+
+
 # --------------------------------------------------------------------------------------------
 # Random architectures, in process
 

@@ -421,3 +421,24 @@ def test_grown_parameters_get_fresh_state_and_the_group_before_them():
     train(grown, remapped, [x])
     for name, t in before.items():
         assert torch.equal(model.state_dict()[name], t)
+
+
+def test_named_state_dict_goes_back_onto_a_rebuilt_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    optimizer = torch.optim.Adam([{"params": model[2].parameters(), "lr": 1e-2}, {"params": model[0].parameters()}],
+                                 lr=1e-3)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    saved = fxprune.optim.named_state_dict(optimizer, model)
+    assert saved["names"] == [["2.weight", "2.bias"], ["0.weight", "0.bias"]]
+    rebuilt = copy.deepcopy(model)
+    new = fxprune.optim.load_named_state_dict(optimizer, rebuilt, saved)
+    assert [g["lr"] for g in new.param_groups] == [1e-2, 1e-3]
+    for (name, p), q in zip(model.named_parameters(), rebuilt.parameters()):
+        assert all(torch.equal(optimizer.state[p][k], new.state[q][k]) for k in ("exp_avg", "exp_avg_sq")), name
+    wider = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    with pytest.raises(fxprune.FxpruneError, match=r"exp_avg.* of parameter '2.weight' has another shape"):
+        fxprune.optim.load_named_state_dict(optimizer, wider, saved)
+    with pytest.raises(fxprune.FxpruneError, match=r"trains parameter\(s\) \['2.weight', '2.bias'\] that the model"):
+        fxprune.optim.load_named_state_dict(optimizer, nn.Sequential(nn.Linear(4, 3)), saved)

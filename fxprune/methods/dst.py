@@ -154,6 +154,19 @@ class DST:
         rows.append(("total", total, sum(r[2] for r in rows), f"{self.density():.2%}"))
         return tabulate(rows, ("layer", "weights", "kept", "density"), tablefmt="simple")
 
+    def settings(self) -> dict[str, Any]:
+        """The settings that decide how training goes on: runs that share a training state (the
+        ranks of a distributed run, a resumed run) must agree on them."""
+        return {"alpha": self.alpha, "structured": self.structured, "layers": list(self.layers)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training state: ``dst.model``'s weights and thresholds."""
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from the :meth:`state_dict` of a DST with the same :meth:`settings`."""
+        self.model.load_state_dict(state["model"])
+
     def finalize(self) -> nn.Module:
         """A plain copy of ``dst.model``: masked weights ``W * M`` baked in, thresholds gone, parameter
         names those of the original model."""

@@ -42,7 +42,7 @@ from ..grow import grow
 from ..mapping import Mapping, TensorMap
 from ..masks import rounded
 from ..modules.gate import WRAPPERS, Gate
-from ..optim import remap_optimizer
+from ..optim import load_named_state_dict, named_state_dict, remap_optimizer
 from .budget import METRICS, Budget, gated_groups
 from .sampled_gate import GateSample, SampledGate
 
@@ -203,6 +203,31 @@ class GrowEfficient:
         self.beta = min(self.beta * self.beta_growth, self.beta_final)
         for g in self._gates.values():
             g.beta = self.beta
+
+    def settings(self) -> dict[str, float | str]:
+        """The settings that decide how training goes on, with the original model's cost and unit
+        cost: runs that share a training state (the ranks of a distributed run, a resumed run) must
+        agree on them."""
+        return {"metric": self.metric, "target": self.target, "s0": self.s0, "lam": self.lam0, "tol": self.tol,
+                "reserve": self.reserve, "layer_drop": self.layer_drop, "beta_final": self.beta_final,
+                "beta_growth": self.beta_growth, "dense": self.dense, "unit_cost": self.unit_cost}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training state: the physical model with the trained weights (a GraphModule, which
+        ``fxprune.save`` can store), every gate's logits, ``beta``, ``lam_t`` and the gate
+        optimizer's state (by parameter name)."""
+        return {"base": self.analysis.gm,  # ge.base traced: the same modules and tensors
+                "logits": {k: g.weight.detach().clone() for k, g in self.gates().items()},
+                "beta": self.beta, "lam": self.lam, "gate_optimizer": named_state_dict(self.gate_optimizer, self.model)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from the :meth:`state_dict` of a GrowEfficient with the same :meth:`settings`:
+        ``ge.base``, ``ge.model`` and the gate optimizer are rebuilt at the saved architecture, so
+        the weight optimizer must be given the new :meth:`weights`."""
+        base = state["base"]
+        self.beta, self.lam = float(state["beta"]), float(state["lam"])
+        self._build(base, state["logits"], analyze(base, self.example_inputs))
+        self.gate_optimizer = load_named_state_dict(self.gate_optimizer, self.model, state["gate_optimizer"])
 
     @torch.no_grad()
     def report(self) -> str:
