@@ -80,18 +80,8 @@ def lenet_300_100(in_features: int = 64, num_classes: int = 10) -> nn.Sequential
 
 
 def _step_times(history: list[Record]) -> list[float]:
-    """Wall-clock seconds of each step after the first, from ``fit``'s history."""
-    return [b.seconds - a.seconds for a, b in zip(history, history[1:])]
-
-
-def resize_seconds(history: list[Record], resize_every: int) -> float:
-    """Seconds spent resizing, estimated from ``fit``'s history: what the steps that began with a
-    resize took beyond the median step."""
-    steps = _step_times(history)
-    if not steps:
-        return 0.0
-    typical = statistics.median(steps)
-    return sum(max(0.0, steps[i - 1] - typical) for i in range(resize_every, len(history), resize_every))
+    """Wall-clock seconds of each step after the first, without the resizes before them."""
+    return [b.seconds - a.seconds - b.resize_seconds for a, b in zip(history, history[1:])]
 
 
 def run_all(task: Task, make_model: Callable[[], nn.Module], settings: Settings, seeds: Sequence[int],
@@ -108,7 +98,7 @@ def run_all(task: Task, make_model: Callable[[], nn.Module], settings: Settings,
                 "method": method, "seed": seed, "accuracy": run.accuracy, "flops": run.cost.flops,
                 "params": run.cost.params, "train_flops": run.train_flops, "wall_s": run.seconds,
                 "cpu_s": run.cpu_seconds, "step_ms": 1e3 * statistics.median(_step_times(run.history) or [0.0]),
-                "resize_s": resize_seconds(run.history, settings.resize_every) if method == "grow-efficient" else 0.0,
+                "resize_s": sum(r.resize_seconds for r in run.history),
                 "error": run.check.error if run.check else 0.0, "exact": run.check.exact if run.check else True,
                 "density": 1.0 if run.density is None else run.density,
             }
@@ -152,16 +142,16 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _pm(s: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+def pm(s: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     return f"{scale * s[key]:.{digits}f} ± {scale * s[f'{key}_std']:.{digits}f}"
 
 
 def resnet_table(summary: list[dict]) -> str:
     """Mean ± std over the seeds, per method."""
-    rows = [[s["method"], _pm(s, "accuracy", 100, 2), f"{s['points']:+.2f}", f"{s['flops'] / 1e6:.3f}M",
-             _pm(s, "flops_ratio"), f"{s['params'] / 1e3:.1f}K", _pm(s, "params_ratio"), _pm(s, "train_flops_ratio"),
-             _pm(s, "wall_s", digits=1), _pm(s, "wall_s_ratio", digits=2), _pm(s, "cpu_s", digits=1),
-             _pm(s, "cpu_s_ratio", digits=2)] for s in summary]
+    rows = [[s["method"], pm(s, "accuracy", 100, 2), f"{s['points']:+.2f}", f"{s['flops'] / 1e6:.3f}M",
+             pm(s, "flops_ratio"), f"{s['params'] / 1e3:.1f}K", pm(s, "params_ratio"), pm(s, "train_flops_ratio"),
+             pm(s, "wall_s", digits=1), pm(s, "wall_s_ratio", digits=2), pm(s, "cpu_s", digits=1),
+             pm(s, "cpu_s_ratio", digits=2)] for s in summary]
     headers = ["method", "test accuracy %", "vs dense (points)", "inference FLOPs", "FLOPs / dense", "parameters",
                "params / dense", "training FLOPs / dense", "training wall s", "wall / dense", "training CPU s",
                "CPU / dense"]
@@ -175,14 +165,14 @@ def runs_table(rows: list[dict]) -> str:
              f"{r['resize_s']:.1f}" if r["method"] == "grow-efficient" else "",
              f"{r['error']:.1e}" if r["method"] != "dense" else ""] for r in rows]
     headers = ["method", "seed", "test accuracy %", "FLOPs / dense", "weights kept", "training FLOPs / dense",
-               "wall s", "CPU s", "median step ms", "resizing s (est.)", "compact vs gated (max rel. diff.)"]
+               "wall s", "CPU s", "median step ms", "resizing s", "compact vs gated (max rel. diff.)"]
     return tabulate(body, headers, tablefmt="github", disable_numparse=True)
 
 
 def mlp_table(summary: list[dict]) -> str:
     """Mean ± std over the seeds: accuracy and the weights DST keeps."""
-    rows = [[s["method"], _pm(s, "accuracy", 100, 2), f"{s['points']:+.2f}", _pm(s, "density", 100, 2),
-             f"{s['params']:,.0f}", _pm(s, "params_ratio"), _pm(s, "cpu_s", digits=1)] for s in summary]
+    rows = [[s["method"], pm(s, "accuracy", 100, 2), f"{s['points']:+.2f}", pm(s, "density", 100, 2),
+             f"{s['params']:,.0f}", pm(s, "params_ratio"), pm(s, "cpu_s", digits=1)] for s in summary]
     headers = ["method", "test accuracy %", "vs dense (points)", "weights remaining %", "compact model parameters",
                "params / dense", "training CPU s"]
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
@@ -233,8 +223,7 @@ def time_breakdown(rows: list[dict], settings: Settings) -> str:
             f"group and call, the expected-cost penalty through fxprune's Budget every step) add work that FLOPs "
             f"do not count, and a narrower convolution saves less time than FLOPs on this CPU at these sizes. Its "
             f"physical resizes (every {settings.resize_every} steps: analysis, compaction, growth and a new budget) "
-            f"took about {ge['resize_s']:.1f} s of {ge['wall_s']:.1f} s (estimated from the steps that began "
-            f"with one). Per seed, its wall-clock was {ratios} times dense's; dense's median step went from "
+            f"took {ge['resize_s']:.1f} s of {ge['wall_s']:.1f} s. Per seed, its wall-clock was {ratios} times dense's; dense's median step went from "
             f"{min(dense_steps):.1f} to {max(dense_steps):.1f} ms over the seeds, a measure of the load other "
             f"processes put on the machine meanwhile.")
 

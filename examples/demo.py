@@ -59,6 +59,7 @@ class Settings:
         default_factory=lambda: {"seed": 0.25, "reserve": 0.15, "beta_final": 20.0, "tol": 0.01})
     resize_every: int = 50  # GrowEfficient: steps between physical resizes
     channels_last: bool = False  # 4-D inputs in channels-last layout (faster CPU convolutions)
+    round_to: int | None = None  # GrowEfficient, SingleShot: channel counts of the final model at its multiples
     alpha: float = 3e-4  # DST: weight of the threshold penalty
     structured: bool = True  # DST: whole filters (False: single weights, as in the paper)
 
@@ -111,7 +112,7 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
     start, cpu_start = time.perf_counter(), time.process_time()
     if method == "grow-efficient":
         trainee = GrowEfficient(model, x, target=settings.target, metric="flops", epochs=settings.epochs,
-                                **settings.grow_efficient)
+                                round_to=settings.round_to, **settings.grow_efficient)
         trainee.resize()  # train at the seed's physical size from the first step
         weights = trainee.weights()
     elif method == "dst":
@@ -122,7 +123,7 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
         # the first batch the training loader draws
         batch = next(iter(DataLoader(task.train, batch_size=settings.batch_size, shuffle=True,
                                      generator=torch.Generator().manual_seed(seed))))
-        masks = ss.masks(batch, F.cross_entropy, target=settings.target, metric="flops")
+        masks = ss.masks(batch, F.cross_entropy, target=settings.target, metric="flops", round_to=settings.round_to)
         trainee = ss.compact(masks, reinit=True)  # trained from scratch, as in the paper
         weights = trainee.parameters()
     else:

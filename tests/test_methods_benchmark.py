@@ -72,9 +72,11 @@ def test_summaries_and_targets():
     assert "accuracy -1.50 points (MISSED)" in lines[1] and "weights remaining 8.00% (met)" in lines[1]
 
 
-def test_resize_seconds_counts_the_slow_steps_after_each_resize():
+def test_step_times_leave_out_the_resizes():
     seconds = [0.1 * (i + 1) for i in range(10)]
-    for i in (4, 8):  # resizes before steps 5 and 9 (resize_every=4) took 1 s each
+    resize = [0.0] * 10
+    for i in (4, 8):  # resizes before steps 5 and 9 took 1 s each
         seconds[i:] = [s + 1.0 for s in seconds[i:]]
-    history = [SimpleNamespace(seconds=s) for s in seconds]
-    assert methods.resize_seconds(history, 4) == pytest.approx(2.0)
+        resize[i] = 1.0
+    history = [SimpleNamespace(seconds=s, resize_seconds=r) for s, r in zip(seconds, resize)]
+    assert methods._step_times(history) == pytest.approx([0.1] * 9)
