@@ -100,8 +100,13 @@ def _add_gate(gm: torch.fx.GraphModule, gate: Gate) -> str:
     while hasattr(gm.gates, path.partition(".")[2]):
         i += 1
         path = f"{base}_{i}"
-    gm.add_submodule(path, gate)
+    gm.add_submodule(path, gate.to(_device(gm)))
     return path
+
+
+def _device(gm: torch.fx.GraphModule) -> torch.device:
+    """Where the model's tensors are: gates and their unit indices go there too."""
+    return next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device
 
 
 def _gate_output(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, units: torch.Tensor, dim: int) -> None:
@@ -112,7 +117,7 @@ def _gate_output(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, units
     i = 1
     while hasattr(gm, f"{name}_{i}"):
         i += 1
-    gm.register_buffer(f"{name}_{i}", units.clone())
+    gm.register_buffer(f"{name}_{i}", units.to(_device(gm), copy=True))
     with gm.graph.inserting_after(at):
         attr = gm.graph.get_attr(f"{name}_{i}")
     with gm.graph.inserting_after(attr):
@@ -164,7 +169,7 @@ def _gate_inside(gm, analysis: Analysis, target: str, calls: list[torch.fx.Node]
                 row = small.movedim(d, 0).reshape(small.shape[d], -1)[:, 0]
                 outputs[i] = [(g, d - labels.dim(), u) for g, u in _sites(analysis, row, paths, order)]
     module = gm.get_submodule(target)
-    gm.set_submodule(target, GatedModule(module, params, outputs).train(module.training))
+    gm.set_submodule(target, GatedModule(module, params, outputs).to(_device(gm)).train(module.training))
     for node in calls:
         values = []
         for gi in order:

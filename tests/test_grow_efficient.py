@@ -243,3 +243,20 @@ def test_rounded_architecture_is_what_compact_returns_and_what_the_controller_co
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trains_resizes_and_compacts_on_the_gpu():
+    torch.manual_seed(0)
+    x, y = X.cuda(), Y.cuda()
+    ge = GrowEfficient(Residual(8, 2).cuda(), x, epochs=5, seed=0.5)
+    assert all(g.weight.is_cuda for g in ge.gates().values())
+    optimizer = torch.optim.SGD(ge.weights(), lr=0.05, momentum=0.9)
+    loss = F.cross_entropy(ge.model(x), y) + ge.penalty()
+    loss.backward()
+    optimizer.step()
+    ge.gate_optimizer.step()
+    optimizer = fxprune.remap_optimizer(optimizer, ge.model, ge.model, ge.resize())
+    small, _ = ge.compact()
+    with torch.no_grad():
+        assert torch.allclose(ge.model.eval()(x), small.eval()(x), atol=1e-5)

@@ -16,6 +16,7 @@ as :func:`fxprune.cost` counts them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
@@ -134,6 +135,12 @@ class _Emptied:
         return _Emptied(units, segment, torch.tensor([i for i, _ in pairs], dtype=torch.long))
 
 
+def _moved(record, device: torch.device):
+    """A copy of the dataclass ``record`` with its tensors on ``device``."""
+    return dataclasses.replace(record, **{f.name: getattr(record, f.name).to(device) for f in dataclasses.fields(record)
+                                          if isinstance(getattr(record, f.name), torch.Tensor)})
+
+
 def _segments(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``parts`` (1-D long tensors) in one tensor, and the part each entry comes from."""
     if not parts:
@@ -202,6 +209,7 @@ class Budget:
         terms = {"flops": self._flops_terms(), "params": self._params_terms()}
         self.dense = {metric: sum(t.weight for t in ts) for metric, ts in terms.items()}
         self._compiled = {metric: _Polynomial.of(ts, self._one, len(self.layers)) for metric, ts in terms.items()}
+        self._placed = {torch.device("cpu"): (self._compiled, self._emptied)}
 
     def _shares(self, flops: dict[str, int]) -> dict[str, list[_Share]]:
         """Per node with FLOPs, how they divide over its weights (by size), or one fixed share."""
@@ -294,20 +302,28 @@ class Budget:
         layer's own probability (:meth:`layer_probabilities`): a few vectorised operations."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        terms = self._compiled[metric]
+        compiled, emptied = self._on(flat.device)
+        terms = compiled[metric]
         sums = flat.new_zeros(len(terms.counts)).index_add(0, terms.segment, flat[terms.entries])
         means = sums / terms.counts
-        alive = self._alive(flat, layers)
+        alive = self._alive(flat, layers, emptied)
         return (terms.weight * means[terms.dims].prod(1) * alive[terms.layers].prod(1)).sum()
 
-    def _alive(self, flat: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+    def _on(self, device: torch.device) -> tuple[dict[str, _Polynomial], _Emptied]:
+        """The polynomials and the emptied layers' indices on ``device`` (moved once, then kept)."""
+        if device not in self._placed:
+            self._placed[device] = ({metric: _moved(t, device) for metric, t in self._compiled.items()},
+                                    _moved(self._emptied, device))
+        return self._placed[device]
+
+    def _alive(self, flat: torch.Tensor, layers: torch.Tensor, emptied: _Emptied) -> torch.Tensor:
         """The probability that each removable layer stays (then a 1): its own, times, for each
         group whose emptying removes it, the probability ``1 - prod(1 - p)`` that the group keeps a unit."""
         alive = torch.cat([layers.to(flat.dtype), flat[self._one:]])
-        if self._emptied.units.numel():
-            none_kept = flat.new_ones(len(self._emptied.layer)).scatter_reduce(
-                0, self._emptied.segment, 1 - flat[self._emptied.units], "prod")
-            alive = alive * torch.ones_like(alive).scatter_reduce(0, self._emptied.layer, 1 - none_kept, "prod")
+        if emptied.units.numel():
+            none_kept = flat.new_ones(len(emptied.layer)).scatter_reduce(
+                0, emptied.segment, 1 - flat[emptied.units], "prod")
+            alive = alive * torch.ones_like(alive).scatter_reduce(0, emptied.layer, 1 - none_kept, "prod")
         return alive
 
     def fraction(self, probs: Probabilities, metric: str = "flops") -> torch.Tensor:

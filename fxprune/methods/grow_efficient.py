@@ -134,11 +134,12 @@ class GrowEfficient:
         self.model = insert_gates(analysis, lambda key, size: SampledGate(key, logits[key], self.beta, sample),
                                   groups=gated_groups(analysis), share_tensors=True)
         self._gates = {g.key: g for g in sample.gates}
-        self._layout = _Layout.of(self._gates, self.budget, analysis)
+        device = next(iter(self._gates.values())).weight.device if self._gates else torch.device("cpu")
+        self._layout = _Layout.of(self._gates, self.budget, analysis)  # on the CPU, as the architecture
         self._hard: tuple[torch.Tensor, tuple[float, float]] | None = None  # the last architecture and its cost
         costs = self.budget.unit_costs(self.metric)
         self._layer_pace = torch.tensor([min(1.0, self.unit_cost / max(float(costs[name]), 1e-12))
-                                         for name in self.budget.layers], dtype=torch.double)
+                                         for name in self.budget.layers], dtype=torch.double, device=device)
 
     def gates(self) -> dict[str, SampledGate]:
         """The gates of ``ge.model`` by key (group or layer name)."""
@@ -186,7 +187,8 @@ class GrowEfficient:
         return self._hard[1]
 
     def _logits(self) -> torch.Tensor:
-        return torch.cat([g.weight.detach() for g in self._gates.values()])
+        """Every gate's logits, in gate order, on the CPU (where architectures are decided)."""
+        return torch.cat([g.weight.detach() for g in self._gates.values()]).cpu()
 
     def penalty(self) -> torch.Tensor:
         """``lam_t * E[cost] / unit_cost``, to add to the loss; updates ``lam_t`` (``ge.lam``) from
@@ -248,7 +250,8 @@ class GrowEfficient:
 
     def _scores(self) -> dict[str, torch.Tensor]:
         """The logits of every group gate: which off units rounding keeps first."""
-        return {key: gate.weight.detach() for key, gate in self._gates.items() if key not in self._layout.layer_keys}
+        return {key: gate.weight.detach().cpu() for key, gate in self._gates.items()
+                if key not in self._layout.layer_keys}
 
     @torch.no_grad()
     def resize(self) -> Mapping:
@@ -257,12 +260,13 @@ class GrowEfficient:
         Returns the mapping of the parameters of the previous ``ge.model`` to the new one, for
         :func:`fxprune.remap_optimizer` of the weight optimizer. The eval-mode function is kept."""
         old_model, old_analysis, gates = self.model, self.analysis, self.gates()
-        keep, wanted = self._physical_masks(gates)
+        logits_of = {key: g.weight.detach().cpu() for key, g in gates.items()}  # decisions on the CPU
+        keep, wanted = self._physical_masks(logits_of)
         base, mapping = compact_model(self.base, keep, self.example_inputs, analysis=old_analysis,
                                       return_mapping=True)
         analysis = analyze(base, self.example_inputs)
         sources = _unit_sources(old_analysis, analysis, mapping)
-        widen = {name: wanted[name] - int((gates[name].weight[src] <= 0).sum()) for name, src in sources.items()}
+        widen = {name: wanted[name] - int((logits_of[name][src] <= 0).sum()) for name, src in sources.items()}
         widen = {name: n for name, n in widen.items() if n > 0 and len(sources[name]) >= 2}
         if widen:
             base, grown = grow(base, self.example_inputs, widen=widen, init="random", analysis=analysis)
@@ -270,9 +274,9 @@ class GrowEfficient:
             analysis = analyze(base, self.example_inputs)
             sources = _unit_sources(old_analysis, analysis, mapping)
         candidate = -self.s0 / self.beta
-        logits = {layer.name: gates[layer.name].weight.detach().clone() for layer in analysis.layers}
+        logits = {layer.name: logits_of[layer.name].clone() for layer in analysis.layers}
         for key, src in sources.items():
-            s = torch.where(src >= 0, gates[key].weight.detach()[src.clamp(min=0)], candidate)
+            s = torch.where(src >= 0, logits_of[key][src.clamp(min=0)], candidate)
             logits[key] = torch.where(s > 0, s, s.clamp(min=candidate))  # the reserve stays within reach
         self._build(base, logits, analysis)
         self.model.train(old_model.training)
@@ -280,19 +284,18 @@ class GrowEfficient:
         self.gate_optimizer = _remap_gates(self.gate_optimizer, old_model, self.model, mapping)
         return mapping
 
-    def _physical_masks(self, gates: dict[str, SampledGate]) -> tuple[dict, dict[str, int]]:
-        """What :meth:`resize` keeps: masks of the units on plus each group's reserve, and of the
-        layers on or still likely; and the reserve each group wants."""
+    def _physical_masks(self, logits: dict[str, torch.Tensor]) -> tuple[dict, dict[str, int]]:
+        """What :meth:`resize` keeps of gates with these ``logits``: masks of the units on plus each
+        group's reserve, and of the layers on or still likely; and the reserve each group wants."""
         keep: dict = {}
         for layer in self.analysis.layers:
-            g = gates[layer.name]
-            keep[layer.name] = bool(g.weight > 0) or float(g.probabilities()) >= self.layer_drop
+            s = logits[layer.name]
+            keep[layer.name] = bool(s > 0) or float(torch.sigmoid(self.beta * s)) >= self.layer_drop
         dropped = {name for layer in self.analysis.layers if not keep[layer.name] for name in layer.groups}
         wanted = {}
-        for key, g in gates.items():
+        for key, s in logits.items():
             if key in keep or key in dropped:
                 continue
-            s = g.weight.detach()
             on = s > 0
             n_on = int(on.sum())
             wanted[key] = max(1, 2 - n_on, math.ceil(self.reserve * n_on))  # two units at least: one cannot grow

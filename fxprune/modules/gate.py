@@ -123,7 +123,7 @@ class GatedBatchNorm(nn.Module):
 
     def add_gate(self, units: torch.Tensor) -> None:
         """Gate the channels by one more gate: ``units[c]`` is its unit of channel ``c``."""
-        self.register_buffer(f"units_{self.sites}", units.clone())
+        self.register_buffer(f"units_{self.sites}", units.to(self.module.weight.device, copy=True))
         if torch.equal(units, torch.arange(len(units))):
             self.direct.add(self.sites)
         self.sites += 1
