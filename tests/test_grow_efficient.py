@@ -236,6 +236,10 @@ def test_rounded_architecture_is_what_compact_returns_and_what_the_controller_co
     assert all(c % 4 == 0 or c == 8 for c in counts), counts
     unrounded = ge.compact(round_to=1)[0]
     assert fxprune.cost(unrounded, X).flops < ge.cost().flops  # rounding kept more units
+    on = {key: int((g.weight > 0).sum()) for key, g in ge.gates().items() if g.weight.numel() > 1}
+    ge.resize()  # room for the rounded architecture: at least ceil(on / 4) * 4 units, or the original's 8
+    for key, n in on.items():
+        assert ge.gates()[key].weight.numel() >= min(-(-n // 4) * 4, 8), key
 
 
 @pytest.mark.parametrize("kwargs, match", [({"target": 0.0}, "target"), ({"target": 1.2}, "target"),

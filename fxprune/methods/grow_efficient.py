@@ -83,7 +83,9 @@ class GrowEfficient:
       channel block the hardware computes in: 16 floats for an AVX-512 CPU, 8 halves for a GPU's
       tensor cores), the off units of highest ``s`` filling up each group, and the controller
       measures the cost of that rounded architecture, so that the model :meth:`compact` returns
-      meets the target.
+      meets the target; :meth:`resize` keeps room for it (a group of ``n`` units on keeps at least
+      ``ceil(n / round_to) * round_to`` units, or all of the original model's), which trains a
+      wider model than the reserve alone would.
     - Physical resizing (:meth:`resize`, called every few steps by :func:`~.train.fit`): the units
       that are off go, except a reserve: the ``ceil(reserve * on)`` off units of highest ``s`` in
       each group (at least one, and two units in all, since :func:`fxprune.grow` cannot widen a
@@ -117,6 +119,7 @@ class GrowEfficient:
         self.beta_growth = beta_final ** (1 / (epochs - 1)) if epochs > 1 else 1.0
         base = copy.deepcopy(model)
         analysis = analyze(base, example_inputs)
+        self._sizes = {g.name: g.size for g in analysis.groups}  # the original model's group sizes
         budget = Budget(analysis, example_inputs)
         self.dense = budget.dense[metric]  # the original model's cost: targets are fractions of it
         costs = budget.unit_costs(metric)
@@ -299,6 +302,8 @@ class GrowEfficient:
             on = s > 0
             n_on = int(on.sum())
             wanted[key] = max(1, 2 - n_on, math.ceil(self.reserve * n_on))  # two units at least: one cannot grow
+            if self.round_to:  # room for the rounded architecture that compact() returns
+                wanted[key] = max(wanted[key], min(-(-n_on // self.round_to) * self.round_to, self._sizes[key]) - n_on)
             off = (~on).nonzero().flatten()
             keep[key] = on.clone()
             keep[key][off[s[off].argsort(descending=True)[:wanted[key]]]] = True
