@@ -266,3 +266,14 @@ def test_trains_resizes_and_compacts_on_the_gpu():
     small, _ = ge.compact()
     with torch.no_grad():
         assert torch.allclose(ge.model.eval()(x), small.eval()(x), atol=1e-5)
+
+
+def test_the_reserve_is_kept_only_below_the_target():
+    sizes = {}
+    for target, grows in ((0.9, True), (0.05, False)):
+        ge = make(seed=0.5, reserve=0.5, target=target)
+        assert (ge.fraction() < target) == grows
+        ge.resize()
+        sizes[grows] = {k: g.weight.numel() for k, g in ge.gates().items() if g.weight.numel() > 1}
+    assert all(sizes[True][k] == 4 + 2 for k in sizes[True])  # 4 units on and half as many in reserve
+    assert all(sizes[False][k] == 4 + 1 for k in sizes[False])  # the minimum: one

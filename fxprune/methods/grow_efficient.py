@@ -88,8 +88,9 @@ class GrowEfficient:
       wider model than the reserve alone would.
     - Physical resizing (:meth:`resize`, called every few steps by :func:`~.train.fit`): the units
       that are off go, except a reserve: the ``ceil(reserve * on)`` off units of highest ``s`` in
-      each group (at least one, and two units in all, since :func:`fxprune.grow` cannot widen a
-      single channel). A group whose reserve ran short (its units turned on) grows new units
+      each group while the architecture costs less than the target, else none beyond the minimum (at
+      least one, and two units in all, since :func:`fxprune.grow` cannot widen a single channel):
+      a reserve costs training time, and at or above the target nothing needs room to grow. A group whose reserve ran short (its units turned on) grows new units
       (:func:`fxprune.grow`, ``init="random"``, which keeps the function) with ``s = -s0 / beta``,
       so that they are sampled with probability sigma(-s0) whatever ``beta`` is; reserve units
       below that are raised to it, so that a reserve pushed far off can still come back. A layer
@@ -296,12 +297,13 @@ class GrowEfficient:
             keep[layer.name] = bool(s > 0) or float(torch.sigmoid(self.beta * s)) >= self.layer_drop
         dropped = {name for layer in self.analysis.layers if not keep[layer.name] for name in layer.groups}
         wanted = {}
+        reserve = self.reserve if self.fraction() < self.target else 0.0  # room to grow only below the target
         for key, s in logits.items():
             if key in keep or key in dropped:
                 continue
             on = s > 0
             n_on = int(on.sum())
-            wanted[key] = max(1, 2 - n_on, math.ceil(self.reserve * n_on))  # two units at least: one cannot grow
+            wanted[key] = max(1, 2 - n_on, math.ceil(reserve * n_on))  # two units at least: one cannot grow
             if self.round_to:  # room for the rounded architecture that compact() returns
                 wanted[key] = max(wanted[key], min(-(-n_on // self.round_to) * self.round_to, self._sizes[key]) - n_on)
             off = (~on).nonzero().flatten()
