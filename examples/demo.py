@@ -55,11 +55,11 @@ class Settings:
     weight_decay: float = 5e-4
     cosine: bool = True  # cosine decay of the learning rate over all steps (else constant)
     target: float = 0.5  # GrowEfficient and SingleShot: FLOPs as a fraction of the dense model's
-    grow_efficient: dict[str, float] = field(
+    grow_efficient: dict[str, float] = field(  # GrowEfficient's own arguments (a "target" overrides the above)
         default_factory=lambda: {"seed": 0.25, "reserve": 0.15, "beta_final": 20.0, "tol": 0.01})
     resize_every: int = 50  # GrowEfficient: steps between physical resizes
     channels_last: bool = False  # 4-D inputs in channels-last layout (faster CPU convolutions)
-    round_to: int | None = None  # GrowEfficient, SingleShot: channel counts of the final model at its multiples
+    round_to: int | None = None  # SingleShot: channel counts at its multiples (GrowEfficient: in grow_efficient)
     alpha: float = 3e-4  # DST: weight of the threshold penalty
     structured: bool = True  # DST: whole filters (False: single weights, as in the paper)
 
@@ -111,8 +111,8 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
     x = task.test.tensors[0][:1]
     start, cpu_start = time.perf_counter(), time.process_time()
     if method == "grow-efficient":
-        trainee = GrowEfficient(model, x, target=settings.target, metric="flops", epochs=settings.epochs,
-                                round_to=settings.round_to, **settings.grow_efficient)
+        trainee = GrowEfficient(model, x, metric="flops", epochs=settings.epochs,
+                                **{"target": settings.target, **settings.grow_efficient})
         trainee.resize()  # train at the seed's physical size from the first step
         weights = trainee.weights()
     elif method == "dst":
