@@ -277,3 +277,8 @@ def test_the_reserve_is_kept_only_below_the_target():
         sizes[grows] = {k: g.weight.numel() for k, g in ge.gates().items() if g.weight.numel() > 1}
     assert all(sizes[True][k] == 4 + 2 for k in sizes[True])  # 4 units on and half as many in reserve
     assert all(sizes[False][k] == 4 + 1 for k in sizes[False])  # the minimum: one
+
+
+def test_a_model_with_nothing_to_gate_is_refused():
+    with pytest.raises(ValueError, match="nothing|no exactly prunable"):
+        GrowEfficient(nn.Linear(4, 3), torch.randn(2, 4), epochs=2)

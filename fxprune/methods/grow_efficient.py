@@ -121,6 +121,9 @@ class GrowEfficient:
         base = copy.deepcopy(model)
         analysis = analyze(base, example_inputs)
         self._sizes = {g.name: g.size for g in analysis.groups}  # the original model's group sizes
+        if not gated_groups(analysis) and not analysis.layers:
+            raise ValueError(f"GrowEfficient: {type(model).__name__} has no exactly prunable channel group and no "
+                             f"removable layer to gate (see fxprune.analyze(model, example_inputs))")
         budget = Budget(analysis, example_inputs)
         self.dense = budget.dense[metric]  # the original model's cost: targets are fractions of it
         costs = budget.unit_costs(metric)
@@ -134,11 +137,11 @@ class GrowEfficient:
         """Gate ``base``: ``self.model`` becomes a gated copy whose gate ``key`` starts at ``logits[key]``."""
         self.base, self.analysis = base, analysis
         self.budget = budget if budget is not None else Budget(analysis, self.example_inputs, like=self.budget)
-        sample = GateSample()
+        self._sample = sample = GateSample()
         self.model = insert_gates(analysis, lambda key, size: SampledGate(key, logits[key], self.beta, sample),
                                   groups=gated_groups(analysis), share_tensors=True)
         self._gates = {g.key: g for g in sample.gates}
-        device = next(iter(self._gates.values())).weight.device if self._gates else torch.device("cpu")
+        device = next(iter(self._gates.values())).weight.device
         self._layout = _Layout.of(self._gates, self.budget, analysis)  # on the CPU, as the architecture
         self._hard: tuple[torch.Tensor, tuple[float, float]] | None = None  # the last architecture and its cost
         costs = self.budget.unit_costs(self.metric)
@@ -160,7 +163,7 @@ class GrowEfficient:
 
     def probabilities(self) -> dict[str, torch.Tensor]:
         """sigma(beta * s) of every gate, by key (differentiable)."""
-        p = next(iter(self._gates.values())).sample.probabilities()
+        p = self._sample.probabilities()
         return dict(zip(self._gates, p.split([g.weight.numel() for g in self._gates.values()])))
 
     @torch.no_grad()
@@ -199,7 +202,7 @@ class GrowEfficient:
         the gap between the current architecture's cost and the target."""
         gap = self.fraction() - self.target
         self.lam = self.lam0 * max(-1.0, min(1.0, gap / self.tol))
-        p = next(iter(self._gates.values())).sample.probabilities()
+        p = self._sample.probabilities()
         flat, layers = self._layout.budget_inputs(p.double())
         layers = layers.detach() + (layers - layers.detach()) * self._layer_pace  # same value, gradient scaled
         return self.lam * self.budget.evaluate(flat, layers, self.metric) / self.unit_cost
