@@ -371,7 +371,8 @@ def export_command(args: argparse.Namespace) -> int:
         check_inputs(model, inputs)
     if args.onnx:
         with stage(f"exporting {args.onnx} and checking it with ONNX Runtime", args.quiet):
-            fxprune.export.to_onnx(model, _one(inputs), args.onnx, dynamic_batch=args.dynamic_batch, opset=args.opset)
+            fxprune.export.to_onnx(model, _one(inputs), args.onnx, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                                   rtol=args.rtol, atol=args.atol)
         print(f"wrote {args.onnx}")
     if args.tensorrt:
         precision = "+".join(["fp32"] + ["fp16"] * args.fp16 + ["int8"] * args.int8)
@@ -418,6 +419,16 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     _input_options(p)
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a tolerance must be a non-negative number, got {text}")
+    return value
+
+
 def _keep(text: str) -> float:
     try:
         keep = float(text)
@@ -456,8 +467,9 @@ Examples:
   fxprune export lstm.fxp --input 1x64 --dtype long --high 20 --onnx lstm.onnx
 
 The ONNX file must reproduce the model's outputs in ONNX Runtime (CPU), at the input's batch and at
-three times it (unless --no-dynamic-batch). --tensorrt needs the tensorrt package and a CUDA GPU;
---int8 needs a model with quantize/dequantize (fake-quantize) nodes, as no calibrator is given here.
+three times it (unless --no-dynamic-batch), within --atol + --rtol times the largest |output|.
+--tensorrt needs the tensorrt package and a CUDA GPU; --int8 needs a model with quantize/dequantize
+(fake-quantize) nodes, as no calibrator is given here.
 """
 
 DEMO_EXAMPLES = """\
@@ -514,6 +526,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="make the batch dimension dynamic (default yes)")
+    p.add_argument("--rtol", type=_tolerance, default=1e-4,
+                   help="ONNX Runtime must match PyTorch within ATOL + RTOL * max|output| (default 1e-4)")
+    p.add_argument("--atol", type=_tolerance, default=1e-5, help="see --rtol (default 1e-5)")
     p.add_argument("--tensorrt", metavar="FILE", help="TensorRT engine to write (needs tensorrt and CUDA)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
                    help="allow fp16 kernels in the engine (default yes)")

@@ -132,7 +132,7 @@ def test_compact_masks_file_round_to(capsys, factories, model, tmp_path):
         assert_close(small(X), reference(X))
 
 
-def test_export_onnx(capsys, factories, tmp_path):
+def test_export_onnx(capsys, factories, tmp_path, monkeypatch):
     assert run(capsys, "compact", f"{factories}:resnet", "--input", "1x3x32x32", "--keep", "0.5",
                "--out", tmp_path / "model.fxp", "-q")[0] == 0
     code, out, _ = run(capsys, "export", tmp_path / "model.fxp", "--input", "1x3x32x32",
@@ -143,6 +143,20 @@ def test_export_onnx(capsys, factories, tmp_path):
     got = session.run(None, {"input": X.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, small(X).numpy(), rtol=1e-4, atol=1e-4)
+
+    # the tolerances reach the check: ONNX Runtime made off by 1e-3 times the largest output
+    session_run = ort.InferenceSession.run
+
+    def off(self, names, feeds, *args):
+        outputs = session_run(self, names, feeds, *args)
+        return [o + 1e-3 * np.abs(o).max() for o in outputs]
+
+    monkeypatch.setattr(ort.InferenceSession, "run", off)
+    code, _, err = run(capsys, "export", tmp_path / "model.fxp", "--input", "1x3x32x32", "--onnx",
+                       tmp_path / "strict.onnx", "--rtol", "5e-4", "--atol", "0", "-q")
+    assert code == 1 and "rtol=0.0005, atol=0.0" in err
+    assert run(capsys, "export", tmp_path / "model.fxp", "--input", "1x3x32x32", "--onnx", tmp_path / "loose.onnx",
+               "--rtol", "2e-3", "-q")[0] == 0
 
 
 def test_demo_passes_its_arguments_on(capsys, tmp_path, monkeypatch):
@@ -213,6 +227,8 @@ BAD = {  # case: (argv after the model, words in the message); {f} is the factor
     "missing checkpoint": (["export", "{t}/none.fxp", "--input", "1x3x32x32", "--onnx", "{t}/m.onnx"],
                            "No such file"),
     "export nothing": (["export", "{t}/none.fxp", "--input", "1x3x32x32"], "nothing to do"),
+    "negative tolerance": (["export", "{t}/none.fxp", "--input", "1x3x32x32", "--onnx", "{t}/m.onnx", "--rtol", "-1"],
+                           "a tolerance must be a non-negative number, got -1"),
     "unknown option": (["analyze", "{f}:resnet", "--input", "1x3x32x32", "--bogus"], "unrecognized arguments"),
 }
 

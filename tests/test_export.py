@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
+import subprocess
 import sys
 import types
 
@@ -159,6 +160,81 @@ def test_mismatch_names_the_output(tmp_path, monkeypatch):
     monkeypatch.setattr(ort.InferenceSession, "run", off_by_one)
     with pytest.raises(ExportError, match=r"ONNX output 'output_1' differs from PyTorch \(batch 2\): largest difference 1\b"):
         to_onnx(Tuple(), torch.randn(2, 4), tmp_path / "tuple.onnx")
+
+
+class FoldedTwin(nn.Module):
+    """Linear + BatchNorm (folded into the Linear at export) minus the same map folded by hand: half
+    the outputs are float32 rounding noise, next to outputs of about 1e3."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc, self.bn, self.twin = nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(64, 8)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(8, 64, generator=g) * 10)
+            self.bn.running_mean.copy_(torch.randn(8, generator=g))
+            self.bn.running_var.copy_(torch.rand(8, generator=g) + 0.1)
+            self.bn.weight.copy_(torch.rand(8, generator=g) + 0.5)
+            scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
+            self.twin.weight.copy_(self.fc.weight * scale[:, None])
+            self.twin.bias.copy_((self.fc.bias - self.bn.running_mean) * scale + self.bn.bias)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        return torch.cat([y - self.twin(x), y], 1)
+
+
+def test_check_is_relative_to_the_largest_output(tmp_path):
+    """Regression: the check compared element by element (``atol + rtol * |torch|``), so folding
+    BatchNorm failed it where an output is near zero: compacted resnet50 with random weights,
+    "largest difference 1.41e-05 ... rtol=0.0001, atol=1e-05"."""
+    model, x = FoldedTwin().eval(), torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 10
+    path = to_onnx(model, x, tmp_path / "twin.onnx", dynamic_batch=False)
+    (got,) = run_onnx(path, x)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert not np.allclose(got, want, rtol=1e-4, atol=1e-5)  # what the old check demanded
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    with pytest.raises(ExportError, match=r"above atol \+ rtol \* max\|PyTorch\| = 0 \(rtol=0, atol=0, max\|PyTorch\| = 2"):
+        to_onnx(model, x, tmp_path / "exact.onnx", dynamic_batch=False, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rtol, atol, passes", [(1e-3, 0, True), (0.9e-3, 0, False), (0, 0.5, True), (0, 0.4, False)])
+def test_tolerance_is_atol_plus_rtol_times_the_largest_output(tmp_path, monkeypatch, rtol, atol, passes):
+    """ONNX Runtime's second output is made off by 0.5 where PyTorch gives 0 and max|PyTorch| is 500."""
+    run = ort.InferenceSession.run
+
+    def off(self, names, feeds, *args):
+        outputs = run(self, names, feeds, *args)
+        outputs[0] = outputs[0] + np.where(outputs[0] == 0, 0.5, 0).astype(outputs[0].dtype)
+        return outputs
+
+    monkeypatch.setattr(ort.InferenceSession, "run", off)
+    x = torch.tensor([[0.0, 250.0, -1.0]])
+    if passes:
+        to_onnx(Tuple(), x, tmp_path / "tuple.onnx", rtol=rtol, atol=atol)
+    else:
+        with pytest.raises(ExportError, match=r"'output_0' .* largest difference 0.5 at index \(0, 0\)"):
+            to_onnx(Tuple(), x, tmp_path / "tuple.onnx", rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("tolerance", [{"rtol": -1e-4}, {"atol": float("nan")}, {"atol": float("inf")}])
+def test_tolerances_must_be_non_negative_numbers(tmp_path, tolerance):
+    with pytest.raises(ValueError, match="rtol and atol must be finite and non-negative"):
+        to_onnx(Tuple(), torch.randn(2, 4), tmp_path / "tuple.onnx", **tolerance)
+
+
+def test_submodules_load_on_first_use():
+    """``import fxprune`` then ``fxprune.export.to_onnx`` works; neither export nor methods is imported
+    before it is used."""
+    code = ("import sys, fxprune; lazy = ('fxprune.export', 'fxprune.methods', 'onnx'); "
+            "assert not [m for m in lazy if m in sys.modules], [m for m in lazy if m in sys.modules]; "
+            "assert callable(fxprune.export.to_onnx) and fxprune.methods.GrowEfficient and 'fxprune.export' in sys.modules; "
+            "assert 'export' in dir(fxprune)\n"
+            "try:\n    fxprune.no_such_name\nexcept AttributeError as e:\n    assert 'no_such_name' in str(e)\n"
+            "else:\n    raise AssertionError")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_compacted_lstm(tmp_path):
