@@ -35,6 +35,7 @@ import fxprune.checkpoint
 import fxprune.export
 from fxprune.analysis import Analysis
 from fxprune.errors import CheckpointError, MaskError
+from fxprune.masks import DEFAULT_ROUND_TO
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # present in a source checkout only
@@ -325,7 +326,7 @@ def compact_command(args: argparse.Namespace) -> int:
     if masks is None:
         masks = magnitude_masks(analysis, args.keep, scores)
     with stage(f"compacting ({len(masks)} mask{'s' * (len(masks) != 1)}"
-               + (f", round_to={args.round_to})" if args.round_to else ")"), args.quiet):
+               + (f", round_to={args.round_to})" if args.round_to > 1 else ")"), args.quiet):
         small = fxprune.compact(model, masks, x, analysis=analysis, exact=args.exact, round_to=args.round_to,
                                 scores=scores)
     with stage("counting FLOPs", args.quiet):
@@ -429,6 +430,16 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _round_to(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--round-to must be a positive integer (1: no rounding), got {text}")
+    return value
+
+
 def _keep(text: str) -> float:
     try:
         keep = float(text)
@@ -451,8 +462,10 @@ COMPACT_EXAMPLES = """\
 Examples:
   # keep the half of every prunable group with the largest weights (L1 norm)
   fxprune compact torchvision.models:resnet50 --input 1x3x224x224 --keep 0.5 --out resnet50.fxp
-  # channel counts kept at multiples of 8 (extra channels stay zeroed: the same function)
-  fxprune compact torchvision.models:resnet50 --input 1x3x224x224 --keep 0.5 --round-to 8 --out r50.fxp
+  # channel counts at multiples of 32 (int8), or as the masks give them; by default multiples of 8
+  # (the extra channels stay zeroed: the same function)
+  fxprune compact torchvision.models:resnet50 --input 1x3x224x224 --keep 0.5 --round-to 32 --out r50.fxp
+  fxprune compact torchvision.models:resnet50 --input 1x3x224x224 --keep 0.5 --round-to 1 --out r50.fxp
   # masks of your own: a dict of group name -> bool tensor (True keeps), layer name -> False
   python -c "import torch; torch.save({'conv1': torch.arange(64) < 32, 'layer1.0': False}, 'masks.pt')"
   fxprune compact torchvision.models:resnet18 --input 1x3x224x224 --masks masks.pt --out r18.fxp
@@ -511,8 +524,9 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--keep", type=_keep, metavar="FRACTION",
                      help="keep this fraction of every prunable group, by weight magnitude (L1)")
     p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write (e.g. model.fxp)")
-    p.add_argument("--round-to", type=int, default=None, metavar="N",
-                   help="keep channel counts at multiples of N (8 for fp16 tensor cores, 32 for int8)")
+    p.add_argument("--round-to", type=_round_to, default=DEFAULT_ROUND_TO, metavar="N",
+                   help=f"keep channel counts at multiples of N, the extra channels zeroed (default {DEFAULT_ROUND_TO}, "
+                        "for fp16 tensor cores and SIMD kernels; 32 for int8; 1: no rounding)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-exact also prunes groups a LayerNorm normalises over (approximate; default --exact)")
     p.set_defaults(run=compact_command)

@@ -63,7 +63,8 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
 
     ``round_to=8`` (32 for int8) keeps channel counts at multiples that tensor cores use: each
     group that loses channels keeps more of its masked ones, those with the highest
-    ``scores[group]`` (else the first), still zeroed, so the result is the same function.
+    ``scores[group]`` (else the first), still zeroed, so the result is the same function. It must be
+    a positive int; None (the default here) or 1 rounds nothing.
 
     ``return_mapping=True`` returns ``(result, mapping)``: for every parameter and buffer of the
     result, the tensor of ``model`` it comes from and which of its indices it keeps

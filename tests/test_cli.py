@@ -117,16 +117,19 @@ def test_compact_keep(capsys, factories, model, tmp_path):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) / 3
 
 
-def test_compact_masks_file_round_to(capsys, factories, model, tmp_path):
+@pytest.mark.parametrize("option, widths", [
+    ([], (24, 56)),  # 22 and 50 kept, rounded up to multiples of 8 by default
+    (["--round-to", "8"], (24, 56)), (["--round-to", "32"], (32, 64)), (["--round-to", "1"], (22, 50)),
+], ids=["default", "8", "32", "1"])
+def test_compact_masks_file_round_to(capsys, factories, model, tmp_path, option, widths):
     masks = {"layer1.0.conv1": torch.arange(64) % 3 == 0, "layer2.0.conv2": torch.arange(128) < 50,
              "layer3.1": False}
     torch.save(masks, tmp_path / "masks.pt")
     code, out, _ = run(capsys, "compact", f"{factories}:resnet", "--input", "1x3x32x32", "--masks",
-                       tmp_path / "masks.pt", "--round-to", "8", "--out", tmp_path / "model.fxp")
+                       tmp_path / "masks.pt", *option, "--out", tmp_path / "model.fxp")
     assert code == 0 and "FLOPs" in out
     small = fxprune.checkpoint.load(tmp_path / "model.fxp")
-    assert small.get_submodule("layer1.0.conv1").out_channels == 24  # 22 kept, rounded up to 24
-    assert small.get_submodule("layer2.0.conv2").out_channels == 56
+    assert (small.get_submodule("layer1.0.conv1").out_channels, small.get_submodule("layer2.0.conv2").out_channels) == widths
     reference = fxprune.apply_masks(model, masks, X[:1]).eval()
     with torch.no_grad():
         assert_close(small(X), reference(X))
@@ -220,6 +223,10 @@ BAD = {  # case: (argv after the model, words in the message); {f} is the factor
                       "MaskError"),
     "keep out of range": (["compact", "{f}:resnet", "--input", "1x3x32x32", "--keep", "1.5", "--out", "{t}/m.fxp"],
                           "--keep must be a fraction"),
+    "round-to zero": (["compact", "{f}:resnet", "--input", "1x3x32x32", "--keep", "0.5", "--round-to", "0",
+                       "--out", "{t}/m.fxp"], "--round-to must be a positive integer (1: no rounding), got 0"),
+    "round-to not an int": (["compact", "{f}:resnet", "--input", "1x3x32x32", "--keep", "0.5", "--round-to", "8.5",
+                             "--out", "{t}/m.fxp"], "--round-to must be a positive integer"),
     "no output folder": (["compact", "{f}:resnet", "--input", "1x3x32x32", "--keep", "0.5",
                           "--out", "{t}/no/m.fxp"], "folder does not exist"),
     "not a checkpoint": (["export", "{size}", "--input", "1x3x32x32", "--onnx", "{t}/m.onnx"],

@@ -88,3 +88,56 @@ def test_methods_round_their_channel_counts():
     assert all(m.out_channels % 8 == 0 for m in small.modules() if isinstance(m, nn.Conv2d))
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), ss.compact(masks).eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def two_convs(width: int = 40) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, 4)).eval()
+
+
+def conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_methods_round_to_8_by_default_and_1_opts_out():
+    """GrowEfficient.compact and SingleShot.compact round to multiples of 8 unless given round_to=1;
+    the result is the same function either way."""
+    from fxprune.methods import GrowEfficient, SingleShot
+
+    model, x = two_convs(), torch.randn(2, 3, 8, 8)
+    ge = GrowEfficient(model, x, target=0.5, epochs=2, seed=0.3)  # 12 of 40 units on per group
+    (rounded, _), (plain, _) = ge.compact(), ge.compact(round_to=1)
+    assert conv_widths(plain) == [12, 12] and conv_widths(rounded) == [16, 16]
+    ss = SingleShot(model, x)
+    masks = {g: torch.arange(40) < 13 for g in ("0", "3")}
+    assert conv_widths(ss.compact(masks)) == [16, 16] and conv_widths(ss.compact(masks, round_to=1)) == [13, 13]
+    with torch.no_grad():
+        torch.testing.assert_close(rounded(x), plain(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ss.compact(masks)(x), ss.compact(masks, round_to=1)(x), rtol=1e-5, atol=1e-5)
+    assert conv_widths(fxprune.compact(model, masks, x)) == [13, 13]  # the compiler primitive does not round
+
+
+def test_grow_efficient_resizes_without_rounding():
+    """Only the final compaction rounds: resizing during training keeps the widths it computes."""
+    from fxprune.methods import GrowEfficient
+
+    model, x = two_convs(30), torch.randn(2, 3, 8, 8)
+    ge = GrowEfficient(model, x, target=0.5, epochs=2, seed=0.3)
+    ge.resize()
+    assert any(w % 8 for w in conv_widths(ge.base)), conv_widths(ge.base)
+
+
+@pytest.mark.parametrize("round_to", [0, -8, 2.5, True, "8"])
+def test_round_to_must_be_a_positive_int(round_to):
+    from fxprune.methods import GrowEfficient, SingleShot
+
+    model, x = two_convs(8), torch.randn(1, 3, 4, 4)
+    masks = {"0": torch.arange(8) < 3}
+    calls = [lambda: fxprune.compact(model, masks, x, round_to=round_to),
+             lambda: SingleShot(model, x).compact(masks, round_to=round_to),
+             lambda: GrowEfficient(model, x, epochs=1).compact(round_to=round_to)]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"round_to must be a positive int .*got {round_to!r}"):
+            call()

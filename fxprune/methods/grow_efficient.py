@@ -40,7 +40,7 @@ from ..compact import compact as compact_model
 from ..cost import Cost
 from ..grow import grow
 from ..mapping import Mapping, TensorMap
-from ..masks import rounded
+from ..masks import DEFAULT_ROUND_TO, rounded
 from ..modules.gate import WRAPPERS, Gate
 from ..optim import load_named_state_dict, named_state_dict, remap_optimizer
 from .budget import METRICS, Budget, gated_groups
@@ -249,11 +249,12 @@ class GrowEfficient:
 
     def compact(self, round_to: int | None = None) -> tuple[torch.fx.GraphModule, Mapping]:
         """The final architecture (``s > 0``) as a dense model with the trained weights, and the
-        mapping of its tensors from ``ge.base``. ``round_to`` (default: ``ge.round_to``) keeps
-        channel counts at its multiples, adding the off units of highest ``s`` (zeroed: the same
-        function)."""
+        mapping of its tensors from ``ge.base``. ``round_to`` (default: ``ge.round_to``, else 8, for
+        tensor cores and SIMD kernels) keeps channel counts at its multiples, adding the off units of
+        highest ``s`` (zeroed: the same function); ``round_to=1`` keeps exactly the units that are on."""
+        round_to = (self.round_to or DEFAULT_ROUND_TO) if round_to is None else round_to
         return compact_model(self.base, self.masks(), self.example_inputs, return_mapping=True,
-                             round_to=self.round_to if round_to is None else round_to, scores=self._scores())
+                             round_to=round_to, scores=self._scores())
 
     def _scores(self) -> dict[str, torch.Tensor]:
         """The logits of every group gate: which off units rounding keeps first."""

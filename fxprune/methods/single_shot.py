@@ -24,7 +24,7 @@ from fxprune.passes.insert_gates import gates_of, insert_gates
 
 from ..analysis import analyze
 from ..compact import compact as compact_model
-from ..masks import rounded
+from ..masks import DEFAULT_ROUND_TO, rounded
 from ..trace import as_tuple
 from .budget import METRICS, Budget, gated_groups
 
@@ -115,12 +115,13 @@ class SingleShot:
             raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got {target}")
         return self.rank(self.scores(batch, loss_fn, metric), target, metric, round_to)
 
-    def compact(self, masks: dict[str, torch.Tensor], reinit: bool = False, round_to: int | None = None,
+    def compact(self, masks: dict[str, torch.Tensor], reinit: bool = False, round_to: int = DEFAULT_ROUND_TO,
                 scores: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
         """``model`` without the masked units; ``reinit=True`` then re-initialises every module that
-        has ``reset_parameters`` (training from scratch, as the paper does). ``round_to`` keeps
-        channel counts at its multiples, adding the masked units of highest ``scores`` (from
-        :meth:`scores`; zeroed, so the function is the same)."""
+        has ``reset_parameters`` (training from scratch, as the paper does). ``round_to`` (default 8,
+        for tensor cores and SIMD kernels) keeps channel counts at its multiples, adding the masked
+        units of highest ``scores`` (from :meth:`scores`; else the first ones; zeroed, so the function
+        is the same); ``round_to=1`` removes exactly the masked units."""
         small = compact_model(self.model, masks, self.example_inputs, round_to=round_to, scores=scores)
         if reinit:
             for module in small.modules():
