@@ -12,6 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import rules  # noqa: F401  (registers the channel rules)
+from .emptiable import Emptiable, find_emptiable, group_notes
 from .layers import Layer, find_layers, unique_name
 from .labels import LabelSpace, Member, Producer, compress, no_channels
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
@@ -53,6 +54,7 @@ class ChannelGroup:
     producers: list[str]
     exact: bool = True  # removing a channel leaves the others unchanged (nothing normalises across them)
     blocked: bool = False  # some channel can never be removed (a boundary, the model output)
+    note: str | None = None  # for a prunable group: which units compaction keeps beyond the masks
 
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"not prunable: {self.reason}"
@@ -73,6 +75,7 @@ class Analysis:
     tainted: set[str] = field(default_factory=set)  # nodes where a masked channel may be non-zero
     group_of: torch.Tensor | None = None  # per root: its group's index, or -1
     unit_in: torch.Tensor | None = None  # per root: its unit's index in the group, or -1
+    emptiable: list[Emptiable] = field(default_factory=list)  # values that keep one of their units
 
     def group(self, name: str) -> ChannelGroup:
         """The group called ``name``."""
@@ -89,13 +92,17 @@ class Analysis:
         raise KeyError(name)
 
     def __str__(self) -> str:
+        widest = [0] * len(self.groups)  # channels of each group's widest producer (a unit may hold several)
+        for p in self.space.producers:
+            gi = int(self.group_of[self.roots[p.atoms[0]]])
+            widest[gi] = max(widest[gi], len(p.atoms))
         rows = [
-            (g.name, g.size, len(g.producers), len([m for m in g.members if m.kind == "param"]),
-             "yes" if g.prunable else "no", g.reason or "")
-            for g in self.groups
+            (g.name, g.size, channels, len(g.producers), len([m for m in g.members if m.kind == "param"]),
+             "yes" if g.prunable else "no", g.reason or g.note or "")
+            for g, channels in zip(self.groups, widest)
         ]
-        head = ("group", "channels", "producers", "param members", "prunable", "reason")
-        return tabulate(rows, head, tablefmt="simple", maxcolwidths=[None, None, None, None, None, 70])
+        head = ("group", "units", "channels", "producers", "param members", "prunable", "reason / note")
+        return tabulate(rows, head, tablefmt="simple", maxcolwidths=[None, None, None, None, None, None, 70])
 
 
 class _LabelInterpreter(torch.fx.Interpreter):
@@ -242,7 +249,12 @@ def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) 
         ))
     group_of, unit_in = _unit_arrays(len(roots), unit_of)
     _attach_members(groups, space, labels, roots, group_of, unit_in)
-    return Analysis(gm, space, groups, labels, roots, unit_of, group_of=group_of, unit_in=unit_in)
+    values = [(node, node, t) for node, value in labels.items() for t in tensors_in(value)]
+    emptiable = find_emptiable(values, space.producers, roots, group_of, [g.size for g in groups],
+                               [not g.blocked for g in groups])
+    for g, note in zip(groups, group_notes(emptiable, unit_of, len(groups))):
+        g.note = note
+    return Analysis(gm, space, groups, labels, roots, unit_of, group_of=group_of, unit_in=unit_in, emptiable=emptiable)
 
 
 def _by_root(reasons: dict[int, str], roots: torch.Tensor) -> dict[int, str]:

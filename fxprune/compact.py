@@ -10,7 +10,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from fxprune.passes.fold_constants import consumer_inputs, dropped_inputs, fold_constants, plan_folds
+from fxprune.passes.fold_constants import Adjustment, consumer_inputs, dropped_inputs, fold_constants, plan_folds
 from fxprune.passes.mask_channels import mask_channels
 from fxprune.passes.remove_layers import remove_layers, zero_layers
 from fxprune.passes.resize_modules import resize_modules
@@ -18,7 +18,7 @@ from fxprune.passes.rewrite_shapes import Shapes, rewrite_shapes
 from fxprune.passes.slice_parameters import slice_parameters
 
 from .analysis import Analysis, analyze
-from .errors import CompactError, MaskError, TraceError
+from .errors import CompactError, TraceError
 from .mapping import Mapping, compact_mapping
 from .masks import Masks, Plan, resolve
 from .trace import as_tuple, propagate_shapes
@@ -81,8 +81,11 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
         keep, folds, report = plan_folds(analysis.gm, plan, lost, values)
         if keep:
             plan = resolve(analysis, masks, force_keep=keep, exact=exact, round_to=round_to, scores=scores)
-            warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
-                str(a) for a in report if a.action == "kept"), stacklevel=2)
+    report += [Adjustment(analysis.groups[gi].name, ui, value.name, "kept", "no other channel of that value survives the masks")
+               for gi, ui, value in plan.kept_for_values]
+    if any(a.action == "kept" for a in report):
+        warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
+            str(a) for a in report if a.action == "kept"), stacklevel=2)
     gm = slice_parameters(analysis.gm, plan)
     remove_layers(gm, plan.removed_layers)
     fold_constants(gm, folds, plan)
@@ -122,21 +125,19 @@ def _deviation(gm: torch.fx.GraphModule, reference: torch.fx.GraphModule, exampl
 
 
 def _check_not_emptied(plan: Plan) -> None:
-    """A tensor left without any channel (a split piece whose channels are all masked) has no
-    dense form: say which node, rather than emit a graph that cannot run."""
+    """A tensor left without any channel has no dense form. ``resolve`` keeps a unit of every value
+    the analysis finds emptiable, so this names the node where that failed, rather than emit a graph
+    that cannot run."""
     for p in plan.analysis.space.producers:  # units inside a module (an RNN direction, attention heads)
         if p.node not in plan.removed_nodes and not bool(plan.keep_atom[p.atoms].any()):
-            raise MaskError(f"the masks remove every channel of '{p.name}' (node '{p.node}'); keep at least one there")
+            raise CompactError(f"the plan removes every channel of '{p.name}' (node '{p.node}')")
     shapes = Shapes.of_plan(plan)
     for node in plan.analysis.gm.graph.nodes:
         labels = plan.analysis.labels.get(node.name)
         if node.name in plan.removed_nodes:
             continue
         if isinstance(labels, torch.Tensor) and labels.numel() and 0 in shapes.new_shape(node):
-            raise MaskError(
-                f"the masks remove every channel of node '{node.name}' ({node.format_node()}); "
-                "keep at least one channel there"
-            )
+            raise CompactError(f"the plan removes every channel of node '{node.name}' ({node.format_node()})")
 
 
 def verify_shapes(gm: torch.fx.GraphModule, shapes: Shapes, example_inputs: Any) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .analysis import Analysis, ChannelGroup
+from .emptiable import Emptiable
 from .errors import MaskError
 from .labels import Producer, compress
 from .layers import Layer
@@ -35,6 +36,7 @@ class Plan:
     producer_masks: dict[tuple[str, str], tuple[Producer, torch.Tensor]]  # by (node, producer name)
     removed_layers: list[Layer] = field(default_factory=list)
     removed_nodes: set[str] = field(default_factory=set)  # the nodes of the removed layers
+    kept_for_values: list[tuple[int, int, Emptiable]] = field(default_factory=list)  # (group, unit, value)
 
     def kept(self, labels: torch.Tensor) -> torch.Tensor:
         """Whether each position of a label tensor survives."""
@@ -66,13 +68,16 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
 
     A key may name a removable layer (``analysis.layers``) with False to remove it. A group that the
     masks empty and that lives inside a removable layer removes the innermost such layer instead.
-    ``force_keep`` lists unit roots that must stay whatever the masks say. ``round_to`` keeps, in
+    ``force_keep`` lists unit roots that must stay whatever the masks say. A value that the masks
+    would leave without any channel (``analysis.emptiable``) keeps one of its units, zeroed: the one
+    with the highest ``scores[group]``, else the one with the fewest channels. ``round_to`` keeps, in
     every group that loses channels, extra masked units (zeroed, so the function is the same) until
     its channel count is a multiple of ``round_to``: those with the highest ``scores[group]``, else
     the first ones. ``exact=False`` also
     accepts masks on groups that are prunable only approximately (normalised across channels).
     """
     check_round_to(round_to)
+    _check_scores(analysis, scores or {})
     groups = {g.name: (i, g) for i, g in enumerate(analysis.groups)}
     producers = _producers_by_name(analysis)
     votes = [torch.zeros(g.size, dtype=torch.bool) for g in analysis.groups]  # some mask keeps it
@@ -120,12 +125,39 @@ def resolve(analysis: Analysis, masks: Masks, force_keep: set[int] = frozenset()
     for root in force_keep:
         gi, ui = analysis.unit_of[root]
         keep_unit[gi][ui] = True
+    removed_nodes = {n for layer in removed.values() for n in (*layer.nodes, layer.add)}
+    kept_for_values = _keep_a_unit_of_each_value(analysis, keep_unit, scores or {}, removed_nodes)
     if round_to and round_to > 1:
         _round_up(analysis, keep_unit, int(round_to), scores or {}, inside)
     keep_atom = _keep_atoms(analysis, keep_unit)
-    removed_nodes = {n for layer in removed.values() for n in (*layer.nodes, layer.add)}
     return Plan(analysis, keep_unit, keep_atom, _producer_masks(analysis, masked_atom, own, by_group, removed_nodes),
-                list(removed.values()), removed_nodes)
+                list(removed.values()), removed_nodes, kept_for_values)
+
+
+def _keep_a_unit_of_each_value(analysis: Analysis, keep_unit: list[torch.Tensor], scores: Mapping[str, torch.Tensor],
+                               removed_nodes: set[str]) -> list[tuple[int, int, Emptiable]]:
+    """Keep, for each value that would lose every channel (outside the removed layers), one of its
+    units; returns the (group, unit, value) kept."""
+    kept, size = [], None
+    for value in analysis.emptiable:
+        groups, units = analysis.group_of[value.units].tolist(), analysis.unit_in[value.units].tolist()
+        if value.node in removed_nodes or any(bool(keep_unit[g][u]) for g, u in zip(groups, units)):
+            continue
+        if size is None:
+            size = torch.bincount(analysis.roots, minlength=len(analysis.roots))  # atoms per unit root
+        rank = [(float(scores[analysis.groups[g].name][u]) if analysis.groups[g].name in scores else 0.0, -int(size[r]))
+                for g, u, r in zip(groups, units, value.units.tolist())]
+        best = max(range(len(rank)), key=rank.__getitem__)
+        keep_unit[groups[best]][units[best]] = True
+        kept.append((groups[best], units[best], value))
+    return kept
+
+
+def _check_scores(analysis: Analysis, scores: Mapping[str, torch.Tensor]) -> None:
+    for g in analysis.groups:
+        score = scores.get(g.name)
+        if score is not None and tuple(score.shape) != (g.size,):
+            raise MaskError(f"scores['{g.name}'] has shape {tuple(score.shape)}; group '{g.name}' has {g.size} units")
 
 
 def rounded(analysis: Analysis, masks: Masks, round_to: int, scores: Mapping[str, torch.Tensor] | None = None,
@@ -162,8 +194,6 @@ def _round_up(analysis: Analysis, keep_unit: list[torch.Tensor], round_to: int, 
         extra = min(g.size, -(-int(keep.sum()) // step) * step) - int(keep.sum())
         if extra > 0:
             score = scores.get(g.name)
-            if score is not None and score.shape != (g.size,):
-                raise MaskError(f"scores['{g.name}'] has shape {tuple(score.shape)}; group '{g.name}' has {g.size} units")
             rank = -score.detach().cpu().float() if score is not None else torch.arange(g.size, dtype=torch.float)
             masked = (~keep).nonzero().flatten()
             keep[masked[torch.argsort(rank[masked], stable=True)[:extra]]] = True

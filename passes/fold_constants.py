@@ -21,7 +21,8 @@ from fxprune.trace import as_tuple
 
 @dataclass(frozen=True)
 class Adjustment:
-    """What happened to a removed channel that was not zero at a consumer."""
+    """What happened to a removed channel: folded into a consumer's bias or kept (zeroed) because it
+    is not zero at ``consumer``, or kept because value ``consumer`` would lose every channel."""
 
     group: str
     channel: int

@@ -5,16 +5,17 @@ profiles: FXPRUNE_HYPOTHESIS_PROFILE=ci (default) or large).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from strategies import ModelSpec, group_votes, masks_for, model_specs, producer_units
+from strategies import ModelSpec, emptied_tensors, group_votes, masks_for, model_specs, producer_units
 
 RTOL = 1e-5
 
@@ -195,16 +196,17 @@ def test_input_model_untouched_and_unshared(spec, data):
 
 
 @given(spec=model_specs(), data=st.data())
-def test_masks_emptying_a_value_are_exact_or_refused(spec, data):
-    """Masks drawn without avoiding values that lose every channel: compact either equals
-    apply_masks or refuses them with a MaskError."""
+def test_masks_keeping_a_unit_of_every_group_are_exact(spec, data):
+    """Masks drawn without avoiding values that lose every channel (a split piece, a producer that
+    covers part of its group): compact never refuses masks that keep a unit of every group. It keeps
+    and reports one unit of each such value, zeroed, and equals apply_masks."""
     model, x, analysis = build(spec)
     masks = data.draw(masks_for(analysis, avoid_empty=False), label="masks").masks
     reference = fxprune.apply_masks(model, masks, x, analysis)
-    try:
-        small, _ = quiet_compact(model, masks, x, analysis)
-    except fxprune.MaskError:
-        return
+    small, caught = quiet_compact(model, masks, x, analysis)
+    report = small.meta["fxprune_report"]
+    assert bool(caught) == any(a.action == "kept" for a in report)
+    assert emptied_tensors(analysis, surviving_units(analysis, masks, report)) == []
     for inp, what in ((x, "example input"), (spec.input(1), "second input")):
         assert_outputs_close(out(small, inp), out(reference, inp), f"compact vs apply_masks on the {what}")
 
@@ -335,19 +337,103 @@ def test_all_true_producer_mask_changes_nothing():
     assert_outputs_close(out(quiet_compact(model, masks, x)[0], x), out(model, x), "compact(all kept) vs model")
 
 
-@pytest.mark.parametrize("make, masks", [
-    pytest.param(_Slice, {"a": torch.tensor([True, False, False, True])}, id="slice-emptied"),
-    pytest.param(_CatPlusAdd, {"a": torch.tensor([True, True, False, False])}, id="producer-b-emptied"),
-    pytest.param(_SplitPieces, {"a": torch.tensor([True, True, False, False])}, id="split-piece-emptied"),
-    pytest.param(lambda: _SplitPieces((2, 1)), {"a": torch.tensor([True, True, False])}, id="one-channel-piece-emptied"),
+@pytest.mark.parametrize("make, masks, unit", [
+    pytest.param(_Slice, {"a": torch.tensor([True, False, False, True])}, 1, id="slice-emptied"),
+    pytest.param(_CatPlusAdd, {"a": torch.tensor([True, True, False, False])}, 2, id="producer-b-emptied"),
+    pytest.param(_SplitPieces, {"a": torch.tensor([True, True, False, False])}, 2, id="split-piece-emptied"),
+    pytest.param(lambda: _SplitPieces((2, 1)), {"a": torch.tensor([True, True, False])}, 2, id="one-channel-piece-emptied"),
 ])
-def test_emptying_a_value_is_exact_or_a_mask_error(make, masks):
+def test_emptying_a_value_keeps_one_of_its_units(make, masks, unit):
     """Regression: masks that keep part of a group but remove every channel of one value (a
     producer covering part of the group, a split piece) made compact build 0-channel convs and fail
-    with RuntimeError / CompactError."""
+    with RuntimeError / CompactError, later a MaskError. The value now keeps one unit, zeroed."""
     torch.manual_seed(0)
-    model = make().eval()
-    _check_compact_or_mask_error(model, masks, torch.randn(2, 3, 5, 5))
+    model, x = make().eval(), torch.randn(2, 3, 5, 5)
+    small, caught = quiet_compact(model, masks, x)
+    assert [(a.group, a.channel, a.action) for a in small.meta["fxprune_report"]] == [("a", unit, "kept")]
+    assert len(caught) == 1 and "no other channel of that value survives the masks" in str(caught[0].message)
+    assert_outputs_close(out(small, x), out(fxprune.apply_masks(model, masks, x), x), "compact vs apply_masks")
+
+
+class _ShuffleStages(nn.Module):
+    """ShuffleNet V2's stride-1 blocks: ``x1, x2 = x.chunk(2)``, ``channel_shuffle(cat([x1, branch(x2)]), 2)``.
+    Each shuffle merges channel j of x1 with channel j of the branch, and x2's units leave the stream,
+    so each block's branch output lies in half as many units of the stem's group as the one before:
+    the fourth in one unit, the third in two."""
+
+    def __init__(self, c: int = 16, blocks: int = 4):
+        super().__init__()
+        h = c // 2
+        self.stem = nn.Conv2d(3, c, 1)
+        self.branches = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(h, h, 1), nn.BatchNorm2d(h), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1, groups=h),
+            nn.BatchNorm2d(h), nn.Conv2d(h, h, 1), nn.BatchNorm2d(h), nn.ReLU()) for _ in range(blocks))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:
+            x1, x2 = x.chunk(2, dim=1)
+            x = torch.channel_shuffle(torch.cat([x1, branch(x2)], 1), 2)
+        return self.head(x.mean((2, 3)))
+
+
+def _check_random_group_masks(model: nn.Module, x: torch.Tensor, analysis: fxprune.Analysis, draws) -> None:
+    """Masks keeping a random subset (at least one unit) of every prunable group: compact is exact."""
+    for masks in draws:
+        small, _ = quiet_compact(model, masks, x, analysis)
+        assert emptied_tensors(analysis, surviving_units(analysis, masks, small.meta["fxprune_report"])) == []
+        assert_outputs_close(out(small, x), out(fxprune.apply_masks(model, masks, x, analysis), x), f"masks {masks}")
+
+
+def _random_group_masks(analysis: fxprune.Analysis, keep: float, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for group in analysis.groups:
+        if group.prunable:
+            mask = torch.rand(group.size, generator=g) < keep
+            mask[torch.randint(group.size, (), generator=g)] = True
+            masks[group.name] = mask
+    return masks
+
+
+@functools.lru_cache(maxsize=None)
+def _shuffle_stages() -> tuple[nn.Module, torch.Tensor, fxprune.Analysis]:
+    from fxprune.zoo import randomize_constants
+
+    torch.manual_seed(0)
+    model, x = randomize_constants(_ShuffleStages()).eval(), torch.randn(2, 3, 5, 5)
+    return model, x, fxprune.analyze(model, x)
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 4))  # one fixed model: fewer draws do
+@given(data=st.data())
+def test_shuffle_stages_accept_every_mask_keeping_a_unit_of_each_group(data):
+    """Regression (ShuffleNet V2): masks keeping units of every group but none of a late branch's
+    raised "MaskError: the masks remove every channel of 'stage3.6.branch2.5'" in compact. The
+    analysis lists the branch outputs as values that keep a unit; every such mask is exact."""
+    model, x, analysis = _shuffle_stages()
+    lone = {e.name: len(e.units) for e in analysis.emptiable}
+    assert lone["branches.3.5"] == 1 and lone["branches.2.5"] == 2, lone  # the last conv of each branch
+    assert "unit" in analysis.group("stem").note and analysis.group("stem").prunable
+    _check_random_group_masks(model, x, analysis, [data.draw(masks_for(analysis, avoid_empty=False), label="masks").masks])
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"])
+def test_shufflenet_accepts_every_mask_keeping_a_unit_of_each_group(name):
+    """The same on torchvision's ShuffleNet V2: random masks of every prunable group (some removing
+    a whole late branch) compact exactly."""
+    from fxprune.zoo import randomize_constants, torchvision_models
+
+    torch.manual_seed(0)
+    model = randomize_constants(getattr(torchvision_models(), name)(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    analysis = fxprune.analyze(model, x)
+    draws = [_random_group_masks(analysis, keep, seed) for seed, keep in enumerate((0.1, 0.5, 0.9))]
+    emptied = [emptied_tensors(analysis, [masks.get(g.name, torch.ones(g.size, dtype=torch.bool)) for g in analysis.groups])
+               for masks in draws]
+    assert any(emptied), "no draw removes a whole value: the check would not cover the regression"
+    _check_random_group_masks(model, x, analysis, draws)
 
 
 class _ComputedShuffle(nn.Module):

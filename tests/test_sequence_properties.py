@@ -277,18 +277,21 @@ class _BiGRUResidual(nn.Module):
         return self.head(y + self.fc(y))
 
 
-@pytest.mark.parametrize("masks", [
-    {"rnn.hidden_l0": torch.tensor([True, True, False, False])},  # the group mask
-    {"rnn.hidden_l0": torch.tensor([False, False])},  # the forward direction's producer mask
+@pytest.mark.parametrize("masks, kept", [
+    ({"rnn.hidden_l0": torch.tensor([True, True, False, False])}, ("rnn.hidden_l0", 2, "rnn.hidden_l0_reverse")),
+    ({"rnn.hidden_l0": torch.tensor([False, False])}, ("rnn.hidden_l0", 0, "rnn.hidden_l0")),  # the forward producer
 ], ids=["group-mask", "producer-mask"])
-def test_masks_emptying_one_direction_are_a_mask_error(masks):
+def test_masks_emptying_one_direction_keep_one_of_its_units(masks, kept):
     """Regression: keeping units of the group but none of one direction made nn.GRU's constructor
-    raise a bare ValueError ('hidden_size must be greater than zero')."""
+    raise a bare ValueError ('hidden_size must be greater than zero'), later a MaskError from compact.
+    That direction now keeps one unit, zeroed, and compact reports it and stays exact."""
     torch.manual_seed(0)
     model, x = _BiGRUResidual().eval(), torch.randn(3, 2, 3)
-    fxprune.apply_masks(model, masks, x)  # zeroing them is well defined
-    with pytest.raises(fxprune.MaskError, match="remove every channel of 'rnn.hidden_l0"):
-        fxprune.compact(model, masks, x)
+    with pytest.warns(UserWarning, match="no other channel of that value survives the masks"):
+        small = fxprune.compact(model, masks, x)
+    assert [(a.group, a.channel, a.consumer) for a in small.meta["fxprune_report"]] == [kept]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), fxprune.apply_masks(model, masks, x)(x), rtol=1e-5, atol=1e-6)
 
 
 def test_kept_unit_zeroed_inside_a_recurrent_stack():

@@ -45,24 +45,17 @@ def test_model_compacts_exactly_or_flags(name: str) -> None:
     assert analysis.groups
     for g in analysis.groups:
         assert g.prunable or g.reason, f"{g.name} is not prunable but has no reason"
-    small = None
-    for attempt in range(5):  # a draw may empty a split piece (ShuffleNet): that is a MaskError
-        masks = {}
-        for g in analysis.groups:
-            if g.prunable and g.size > 1:
-                keep = torch.rand(g.size) > 0.3
-                keep[0] = True
-                masks[g.name] = keep
-        if not masks:
-            pytest.skip(f"{name}: no prunable group; reasons: {sorted({g.reason for g in analysis.groups})[:3]}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                small = fxprune.compact(model, masks, x, analysis=analysis)
-            break
-        except fxprune.MaskError as e:
-            assert "remove every channel of node" in str(e)
-    assert small is not None, "every draw of masks emptied a tensor"
+    masks = {}
+    for g in analysis.groups:
+        if g.prunable and g.size > 1:
+            keep = torch.rand(g.size) > 0.3
+            keep[0] = True
+            masks[g.name] = keep
+    if not masks:
+        pytest.skip(f"{name}: no prunable group; reasons: {sorted({g.reason for g in analysis.groups})[:3]}")
+    with warnings.catch_warnings():  # masks that keep a unit of every group never fail (ShuffleNet once did)
+        warnings.simplefilter("ignore", UserWarning)
+        small = fxprune.compact(model, masks, x, analysis=analysis)
     reference = fxprune.apply_masks(model, masks, x, analysis=analysis)
     with torch.no_grad():
         expected, got = reference(x), small(x)
