@@ -249,7 +249,8 @@ def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) 
         ))
     group_of, unit_in = _unit_arrays(len(roots), unit_of)
     _attach_members(groups, space, labels, roots, group_of, unit_in)
-    values = [(node, node, t) for node, value in labels.items() for t in tensors_in(value)]
+    values = [(node, node if isinstance(value, torch.Tensor) else f"{node}[{i}]", t)  # a tuple's pieces by position
+              for node, value in labels.items() for i, t in enumerate(tensors_in(value))]
     emptiable = find_emptiable(values, space.producers, roots, group_of, [g.size for g in groups],
                                [not g.blocked for g in groups])
     for g, note in zip(groups, group_notes(emptiable, unit_of, len(groups))):

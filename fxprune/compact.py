@@ -71,18 +71,7 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
     (:class:`~fxprune.mapping.TensorMap`); :func:`~fxprune.optim.remap_optimizer` uses it.
     """
     analysis = _analysis(model, example_inputs, analysis)
-    plan = resolve(analysis, masks, exact=exact, round_to=round_to, scores=scores)
-    _check_not_emptied(plan)
-    folds, report = [], []
-    lost = _exact_only(plan, dropped_inputs(plan))
-    if lost:
-        reference = apply_masks(model, masks, example_inputs, analysis).eval()
-        values = consumer_inputs(reference, {(m.node, m.input_arg) for m, _ in lost}, example_inputs)
-        keep, folds, report = plan_folds(analysis.gm, plan, lost, values)
-        if keep:
-            plan = resolve(analysis, masks, force_keep=keep, exact=exact, round_to=round_to, scores=scores)
-    report += [Adjustment(analysis.groups[gi].name, ui, value.name, "kept", "no other channel of that value survives the masks")
-               for gi, ui, value in plan.kept_for_values]
+    plan, folds, report = _plan(model, masks, example_inputs, analysis, exact, round_to, scores)
     if any(a.action == "kept" for a in report):
         warnings.warn("fxprune kept some masked channels (zeroed): " + "; ".join(
             str(a) for a in report if a.action == "kept"), stacklevel=2)
@@ -101,6 +90,34 @@ def compact(model: nn.Module, masks: Masks, example_inputs: Any, analysis: Analy
         warnings.warn(f"compact(exact=False) pruned groups that are not exactly prunable ({', '.join(approximate)}): "
                       f"the largest deviation from apply_masks on example_inputs is {deviation:.3g}", stacklevel=2)
     return (gm, compact_mapping(gm, plan)) if return_mapping else gm
+
+
+def _plan(model, masks, example_inputs, analysis, exact, round_to, scores) -> tuple[Plan, list, list[Adjustment]]:
+    """The plan, the constants to fold and the adjustments. A removed channel that is not zero at a
+    consumer is folded or kept; each keep re-plans with every unit kept so far (so that what a plan
+    drops was always measured), until no channel needs keeping."""
+    plan = resolve(analysis, masks, exact=exact, round_to=round_to, scores=scores)
+    _check_not_emptied(plan)
+    kept, for_values, folds, values = [], {}, [], None
+    while True:
+        for_values.update({(gi, ui): value for gi, ui, value in plan.kept_for_values})
+        lost = _exact_only(plan, dropped_inputs(plan))
+        if not lost:
+            folds, report = [], []
+            break
+        if values is None:  # the values reaching each consumer in the masked model; later plans drop less
+            reference = apply_masks(model, masks, example_inputs, analysis).eval()
+            values = consumer_inputs(reference, {(m.node, m.input_arg) for m, _ in lost}, example_inputs)
+        keep, folds, report = plan_folds(analysis.gm, plan, lost, values)
+        if not keep:
+            break
+        kept += report
+        units = {root for root, (gi, ui) in analysis.unit_of.items() if bool(plan.keep_unit[gi][ui])}
+        plan = resolve(analysis, masks, force_keep=keep | units, exact=exact, round_to=round_to, scores=scores)
+    report = [a for a in kept if a.action == "kept"] + report + [
+        Adjustment(analysis.groups[gi].name, ui, value.name, "kept", "no other channel of that value survives the masks")
+        for (gi, ui), value in for_values.items()]
+    return plan, folds, list(dict.fromkeys(report))
 
 
 def _exact_only(plan: Plan, lost: list) -> list:

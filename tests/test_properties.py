@@ -355,6 +355,29 @@ def test_emptying_a_value_keeps_one_of_its_units(make, masks, unit):
     assert_outputs_close(out(small, x), out(fxprune.apply_masks(model, masks, x), x), "compact vs apply_masks")
 
 
+class _SigmoidPieces(nn.Module):
+    """sigmoid(a(x)) split in two: a transposed conv (no bias can take a constant) reads one piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.t, self.c = nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(2, 3, 3), nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        p, q = torch.sigmoid(self.a(x)).chunk(2, 1)
+        return self.t(p).mean((2, 3)) + self.c(q).mean((2, 3))
+
+
+def test_every_dropped_channel_is_measured():
+    """Regression: masks emptying piece p kept its unit 0; unit 1, 0.5 at t, was kept as well, and
+    the plan made again without unit 0 (p no longer empty) dropped it unmeasured: its 0.5 was lost."""
+    torch.manual_seed(0)
+    model, x = _SigmoidPieces().eval(), torch.randn(2, 3, 5, 5)
+    masks = {"a": torch.tensor([False, False, True, True])}
+    small, _ = quiet_compact(model, masks, x)
+    assert [(a.channel, a.consumer, a.action) for a in small.meta["fxprune_report"]] == [(1, "t", "kept"), (0, "chunk[0]", "kept")]
+    assert_outputs_close(out(small, x), out(fxprune.apply_masks(model, masks, x), x), "compact vs apply_masks")
+
+
 class _ShuffleStages(nn.Module):
     """ShuffleNet V2's stride-1 blocks: ``x1, x2 = x.chunk(2)``, ``channel_shuffle(cat([x1, branch(x2)]), 2)``.
     Each shuffle merges channel j of x1 with channel j of the branch, and x2's units leave the stream,
