@@ -70,6 +70,7 @@ class Member:
     node: str
     input_dim: int | None = None  # for role "in": the dim of the consumer's input tensor
     input_arg: int | str = 0  # for role "in": that input's position, or its keyword
+    input_groups: int = 1  # for role "in": index i reads input index i + k * len(atoms) for each k below this
 
 
 @dataclass

@@ -110,18 +110,20 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
     for m, lost in lost_inputs:
         node = nodes[m.node]
         module = gm.get_submodule(node.target)
-        x = values[(m.node, m.input_arg)].movedim(m.input_dim, 0)[lost].reshape(len(lost), -1)
-        first = x[:, 0]
-        constant = (x == first[:, None]).all(1) & torch.isfinite(first)
-        const = torch.where(constant, first, torch.zeros(()))
+        x = values[(m.node, m.input_arg)].movedim(m.input_dim, 0)
+        x = x.reshape(m.input_groups, -1, *x.shape[1:]).transpose(0, 1)  # index i: channel i of every group
+        x = x[lost].reshape(len(lost), m.input_groups, -1)
+        first = x[:, :, 0]
+        constant = ((x == first[..., None]).all(2) & torch.isfinite(first)).all(1)  # each channel holds one value
+        const = torch.where(constant[:, None], first, torch.zeros(()))
         roots = analysis.roots[m.atoms[lost]]
-        foldable = _foldable(module)
-        for i in (~constant | ((const != 0) & (not foldable))).nonzero().flatten().tolist():
+        foldable = _foldable(module)  # only where input_groups == 1
+        for i in (~constant | ((const != 0).any(1) & (not foldable))).nonzero().flatten().tolist():
             keep.add(int(roots[i]))
             why = "input-dependent value" if not constant[i] else \
-                f"constant {float(const[i]):.4g} that {_kind(module)} cannot fold into a bias"
+                f"constant {float(const[i][const[i] != 0][0]):.4g} that {_kind(module)} cannot fold into a bias"
             report.append(_adjust(analysis, int(roots[i]), node.target, "kept", why))
-        seen.append((m, node, module, lost, const, roots))
+        seen.append((m, node, module, lost, const[:, 0], roots))
     for m, node, module, lost, const, roots in seen:
         fold = (const != 0) & torch.tensor([int(r) not in keep for r in roots], dtype=torch.bool)
         if bool(fold.any()):

@@ -10,6 +10,7 @@ from torch import nn
 from fxprune.errors import CompactError
 from fxprune.modules.attention import PrunedMultiheadAttention
 from fxprune.modules.recurrent import RecurrentStack, directions_of, parameters_of, widths
+from fxprune.rules.conv import whole_groups
 from fxprune.rules.recurrent import states_used
 
 from .rewrite_shapes import Shapes
@@ -34,10 +35,10 @@ def resizer(*classes: type):
 
 
 @resizer(nn.modules.conv._ConvNd)
-def _conv(m, old, in_shape, node) -> None:  # grouped convs lose whole groups; channels per group stay
+def _conv(m, old, in_shape, node) -> None:  # a grouped conv loses whole groups, or channels in every group
     outer, inner = m.weight.shape[:2]  # (out, in/groups) or, transposed, (in, out/groups)
     per_group = (old.in_channels if m.transposed else old.out_channels) // old.groups
-    m.groups = outer // per_group if old.groups > 1 else 1
+    m.groups = outer // per_group if old.groups > 1 and whole_groups(old) else old.groups
     if m.transposed:
         m.in_channels, m.out_channels = outer, inner * m.groups
     else:

@@ -84,9 +84,10 @@ class ConvT:
     stride: int = 2
     pad: int = 0
     bias: bool = True
+    groups: int = 1
 
     def make(self) -> nn.Module:
-        return nn.ConvTranspose2d(self.cin, self.cout, self.k, self.stride, self.pad, bias=self.bias)
+        return nn.ConvTranspose2d(self.cin, self.cout, self.k, self.stride, self.pad, bias=self.bias, groups=self.groups)
 
 
 @dataclass(frozen=True)
@@ -515,11 +516,12 @@ class _Builder:
             stop_s = None if stop == c and self.flag() else stop
             return [Slice(start_s, stop_s)], stop - start, h, w
         if kind == "convT":
-            cout = self.channels()
+            groups = self.pick([1] + [g for g in (2, 3, 4) if c % g == 0]) if self.flag(0.3) else 1
+            cout = groups * self.ints(1, MAX_C // groups)
             bias = self.flag(0.6)
             if not same and 2 * max(h, w) <= MAX_HW and self.flag():
-                return [ConvT(self.name("convT"), c, cout, 2, 2, 0, bias)], cout, 2 * h, 2 * w
-            return [ConvT(self.name("convT"), c, cout, 3, 1, 1, bias)], cout, h, w
+                return [ConvT(self.name("convT"), c, cout, 2, 2, 0, bias, groups)], cout, 2 * h, 2 * w
+            return [ConvT(self.name("convT"), c, cout, 3, 1, 1, bias, groups)], cout, h, w
         raise AssertionError(kind)
 
     def body(self, cin, cout, h, w, depth, stride=1, force_conv=False):

@@ -293,6 +293,15 @@ def reported(*adjustments: tuple):
     return check
 
 
+def grouped_weight(conv: str, rows: list[int], columns: list[int]):
+    """The grouped conv's compact weight is its original weight at ``rows`` (dim 0) and ``columns``
+    (dim 1, the channels of a group)."""
+    def check(model, an, small):
+        old = model.get_submodule(conv).weight[rows][:, columns]
+        torch.testing.assert_close(small.get_submodule(conv).weight, old, rtol=0, atol=0)
+    return check
+
+
 def all_of(*checks):
     def check(model, an, small):
         for c in checks:
@@ -302,6 +311,19 @@ def all_of(*checks):
 
 # --------------------------------------------------------------------------------------------
 # conv.py: ConvNd and ConvTransposeNd, grouped and depthwise
+
+class GroupedResidual(nn.Module):
+    """head(y + relu(grouped(y))), y = stem(x): a conv of 2 groups on a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(y + self.body(y))
+
 
 CONV = {
     "conv2d": Case(
@@ -355,12 +377,41 @@ CONV = {
         attrs={"t.in_channels": 7, "t.out_channels": 4, "t.groups": 1},
         check=columns_removed("c", [0, 1, 3, 4]),
     ),
-    "conv-transpose-grouped": Case(
+    "conv-transpose-grouped": Case(  # 2 groups of 4 in, 3 out: per-group channels
         lambda: seq(a=nn.Conv2d(3, 8, 1), t=nn.ConvTranspose2d(8, 6, 3, stride=2, groups=2), c=nn.Conv2d(6, 4, 1)), X,
-        {"a": (2, True), "c": (4, False)}, {"a": keep(2, 0)},
-        shapes={"a.weight": (4, 3, 1, 1), "t.weight": (4, 3, 3, 3), "t.bias": (3,), "c.weight": (4, 3, 1, 1)},
-        attrs={"t.in_channels": 4, "t.out_channels": 3, "t.groups": 1},
+        {"a": (4, True), "t": (3, True), "c": (4, False)}, {"a": keep(4, 0), "t": keep(3, 2)},
+        shapes={"a.weight": (6, 3, 1, 1), "t.weight": (6, 2, 3, 3), "t.bias": (4,), "c.weight": (4, 4, 1, 1)},
+        attrs={"t.in_channels": 6, "t.out_channels": 4, "t.groups": 2},
+        check=all_of(producers_are("a", ["a"]), grouped_weight("t", [1, 2, 3, 5, 6, 7], [0, 1]),
+                     columns_removed("c", [0, 1, 3, 4])),
+    ),
+    "conv-transpose-whole-groups": Case(  # 4 groups of 2 in, 1 out: whole groups
+        lambda: seq(a=nn.Conv2d(3, 8, 1), t=nn.ConvTranspose2d(8, 4, 3, stride=2, groups=4), c=nn.Conv2d(4, 4, 1)), X,
+        {"a": (4, True), "c": (4, False)}, {"a": keep(4, 0)},
+        shapes={"a.weight": (6, 3, 1, 1), "t.weight": (6, 1, 3, 3), "t.bias": (3,), "c.weight": (4, 3, 1, 1)},
+        attrs={"t.in_channels": 6, "t.out_channels": 3, "t.groups": 3},
         check=producers_are("a", ["a", "t"]),
+    ),
+    "grouped-per-group-channels": Case(  # regression: 2 groups of 6 had 2 units (whole groups) and nothing shrank
+        lambda: seq(a=nn.Conv2d(3, 12, 3, padding=1), r=nn.ReLU(), g=nn.Conv2d(12, 12, 3, padding=1, groups=2),
+                    c=nn.Conv2d(12, 4, 1)), X,
+        {"a": (6, True), "g": (6, True), "c": (4, False)}, {"a": keep(6, 1, 4), "g": keep(6, 0, 5)},
+        shapes={"a.weight": (8, 3, 3, 3), "g.weight": (8, 4, 3, 3), "g.bias": (8,), "c.weight": (4, 8, 1, 1)},
+        attrs={"g.groups": 2, "g.in_channels": 8, "g.out_channels": 8},
+        check=all_of(producers_are("a", ["a"]), grouped_weight("g", [1, 2, 3, 4, 7, 8, 9, 10], [0, 2, 3, 5]),
+                     columns_removed("c", [1, 2, 3, 4, 7, 8, 9, 10])),
+    ),
+    "grouped-per-group-channels-shifted": Case(  # a BatchNorm after the ReLU shifts the masked channels
+        lambda: seq(a=nn.Conv2d(3, 12, 1), r=nn.ReLU(), n=nn.BatchNorm2d(12), g=nn.Conv2d(12, 6, 1, groups=2),
+                    c=nn.Conv2d(6, 4, 1)), X,
+        {"a": (6, True), "g": (3, True), "c": (4, False)}, {"a": keep(6, 1)},
+        shapes={"a.weight": (12, 3, 1, 1), "g.weight": (6, 6, 1, 1)}, attrs={"g.groups": 2},
+        check=reported(("kept", "a", 1, "g")),  # channels 1 and 7 hold other constants: no bias takes them
+    ),
+    "grouped-on-a-residual-stream": Case(  # the stream's units become channel i of every group
+        lambda: GroupedResidual(), X, {"stem": (4, True), "head": (4, False)}, {"stem": keep(4, 3)},
+        shapes={"stem.weight": (6, 3, 1, 1), "body.0.weight": (6, 3, 3, 3), "head.weight": (4, 6, 1, 1)},
+        attrs={"body.0.groups": 2}, check=producers_are("stem", ["body.0", "stem"]),
     ),
     "conv1d-transpose1d": Case(
         lambda: seq(a=nn.Conv1d(3, 8, 3), n=nn.BatchNorm1d(8), t=nn.ConvTranspose1d(8, 6, 2, stride=2), c=nn.Conv1d(6, 4, 1)),
@@ -370,9 +421,9 @@ CONV = {
     ),
     "conv3d": Case(
         lambda: seq(a=nn.Conv3d(3, 8, 3), n=nn.BatchNorm3d(8), g=nn.Conv3d(8, 8, 1, groups=2), c=nn.Conv3d(8, 4, 1)),
-        img(2, 3, 4, 4, 4), {"a": (2, True), "c": (4, False)}, {"a": keep(2, 1)},
-        shapes={"a.weight": (4, 3, 3, 3, 3), "n.weight": (4,), "g.weight": (4, 4, 1, 1, 1), "c.weight": (4, 4, 1, 1, 1)},
-        attrs={"g.groups": 1},
+        img(2, 3, 4, 4, 4), {"a": (4, True), "g": (4, True), "c": (4, False)}, {"a": keep(4, 1), "g": keep(4, 0, 3)},
+        shapes={"a.weight": (6, 3, 3, 3, 3), "n.weight": (6,), "g.weight": (4, 3, 1, 1, 1), "c.weight": (4, 4, 1, 1, 1)},
+        attrs={"g.groups": 2},
     ),
 }
 

@@ -1,8 +1,17 @@
 """ConvNd and ConvTransposeNd, grouped and depthwise.
 
 out[o] <- sum over the input channels of o's group. With groups == 1 the output channels are new
-and input channel i owns the weight slice of i. With groups > 1 one unit is a whole group: its
-input and output channels are removed together, which keeps every group the same size.
+and input channel i owns the weight slice of i. A grouped conv (g groups of ``ci`` input and ``co``
+output channels) must keep its groups equal, in one of two ways:
+
+- per-group channels: unit i of the input is channel i of every group (i < ci), unit o of the
+  output channel o of every group; the conv keeps its g groups, each narrower. Input and output
+  units are independent (ResNeXt and RegNet width pruning).
+- whole groups: unit k is group k, its input and output channels together; the conv loses groups
+  and keeps their width (a depthwise conv loses channels).
+
+The rule takes the one with more units: whole groups where there are at least as many groups as
+channels per group (every depthwise conv), else per-group channels.
 """
 from __future__ import annotations
 
@@ -10,6 +19,11 @@ import torch
 from torch import nn
 
 from .registry import RuleContext, rule
+
+
+def whole_groups(m: nn.modules.conv._ConvNd) -> bool:
+    """Whether the units of grouped conv ``m`` are whole groups (else: channel positions in a group)."""
+    return m.groups >= max(m.in_channels, m.out_channels) // m.groups
 
 
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -20,13 +34,32 @@ def conv(ctx: RuleContext, x: torch.Tensor, *args) -> torch.Tensor:  # out[o] <-
     out = ctx.produce(weight, m.out_channels, 1)
     atoms = space.owned(weight, "out", m.out_channels)
     in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
+    per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
     if m.groups == 1:
         ctx.member(weight, in_dim, x_in, "in", input_dim=1)
         ctx.member(weight, out_dim, atoms, "out")
-    else:
-        per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+    elif whole_groups(m):  # unit k: input and output channels of group k
         for g in range(m.groups):
-            space.union_all(torch.cat([x_in[g * per_in:(g + 1) * per_in], atoms[g * per_out:(g + 1) * per_out]]))
+            _union_slice(ctx, torch.cat([x_in[g * per_in:(g + 1) * per_in], atoms[g * per_out:(g + 1) * per_out]]))
         ctx.member(weight, 0, x_in if m.transposed else atoms, "channel")
+    else:  # input unit i: channel i of every group; output unit o likewise
+        for i in range(per_in):
+            _union_slice(ctx, x_in[i::per_in])
+        for o in range(per_out):
+            space.union_all(atoms[o::per_out])
+        if m.transposed:  # weight (in, out / groups)
+            ctx.member(weight, 0, x_in, "in", input_dim=1)
+            ctx.member(weight, 1, atoms[:per_out], "out")
+        else:  # weight (out, in / groups): column i reads channel i of every group
+            ctx.member(weight, 0, atoms, "out")
+            ctx.member(weight, 1, x_in[:per_in], "in", input_dim=1, input_groups=m.groups)
     ctx.module_member("bias", 0, atoms, "out")
     return out
+
+
+def _union_slice(ctx: RuleContext, atoms: torch.Tensor) -> None:
+    """Merge channels that go together; where some of them are no channel (constant padding), the
+    others cannot go without them."""
+    if bool((atoms < 0).any()):
+        ctx.space.block(atoms, f"{ctx.where} reads, in one group position, channels and entries that are none")
+    ctx.space.union_all(atoms)

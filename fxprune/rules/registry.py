@@ -104,10 +104,11 @@ class RuleContext:
         return along(self.channels(owner, n, name or self.node.target, dim, key), dim, shape)
 
     def member(self, owner: str, dim: int, atoms: torch.Tensor, role: str, input_dim: int | None = None,
-               input_arg: int | str = 0) -> None:
+               input_arg: int | str = 0, input_groups: int = 1) -> None:
         """Index ``i`` of ``owner`` along ``dim`` belongs to ``atoms[i]`` (for an "in" member, the
-        channel at index ``i`` along ``input_dim`` of the node's input ``input_arg``)."""
-        self.space.add_member(Member(owner, dim, atoms, role, self.node.name, input_dim, input_arg))
+        channel at index ``i`` along ``input_dim`` of the node's input ``input_arg``, and with
+        ``input_groups`` the same index of every group of ``len(atoms)`` channels)."""
+        self.space.add_member(Member(owner, dim, atoms, role, self.node.name, input_dim, input_arg, input_groups))
 
     def argument(self, position: int, keyword: str) -> int | str:
         """How the node passes an argument: its ``position`` if given positionally, else ``keyword``."""
