@@ -9,6 +9,7 @@ tensors, training the grown model, the errors, and growing then compacting back 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -497,14 +498,15 @@ def test_widen_a_group_whose_last_channel_is_a_one_channel_piece(init):
 
 
 class PartialSlice(nn.Module):
-    """A grouped conv makes each unit 3 channels; the slice takes 2 of the last unit's."""
+    """A grouped conv whose units are whole groups makes each unit 3 channels; the slice takes 2 of
+    the last unit's."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.g, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1, groups=2), nn.Conv2d(2, 2, 1)
+        self.a, self.g, self.b = nn.Conv2d(3, 9, 1), nn.Conv2d(9, 9, 1, groups=3), nn.Conv2d(2, 2, 1)
 
     def forward(self, x):
-        return self.b(self.g(self.a(x))[:, 4:6])
+        return self.b(self.g(self.a(x))[:, 7:9])
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -514,6 +516,27 @@ def test_widen_a_group_sliced_inside_a_unit(init):
     model, x = randomized(PartialSlice()), (torch.randn(1, 3, 4, 4),)
     with pytest.raises(fxprune.GrowError, match="cannot widen 'a'"):  # a unit split across tensors
         fxprune.grow(model, x, widen={"a": 1}, init=init)
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("group, n", [("a", 2), ("g", 3)])
+def test_widen_the_channels_of_every_group_of_a_grouped_conv(init, group, n):
+    """A unit of a grouped conv with per-group channels is one channel of each group: growing it
+    widens every group; the model computes the same, and compacting the new units away gives back
+    the original weights."""
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(OrderedDict(a=nn.Conv2d(3, 12, 3, padding=1), r=nn.ReLU(),
+                                                 g=nn.Conv2d(12, 12, 3, padding=1, groups=2), c=nn.Conv2d(12, 4, 1))))
+    x = torch.randn(2, 3, 6, 6)
+    big, _ = fxprune.grow(model, x, widen={group: n}, init=init)
+    per_group = {"a": (big.g.in_channels // 2, 6 + n), "g": (big.g.out_channels // 2, 6 + n)}[group]
+    assert big.g.groups == 2 and per_group[0] == per_group[1]
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), model(x), rtol=1e-5, atol=1e-5)
+    size = fxprune.analyze(big, x).group(group).size
+    back = fxprune.compact(big, {group: torch.arange(size) < size - n}, x)
+    if init == "random":  # "split" halves the readers of the template and its copy
+        assert {k: v.tolist() for k, v in back.named_parameters()} == {k: v.tolist() for k, v in model.named_parameters()}
 
 
 class Tied(nn.Module):
