@@ -124,7 +124,7 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
         batch = next(iter(DataLoader(task.train, batch_size=settings.batch_size, shuffle=True,
                                      generator=torch.Generator().manual_seed(seed))))
         masks = ss.masks(batch, F.cross_entropy, target=settings.target, metric="flops", round_to=settings.round_to)
-        trainee = ss.compact(masks, reinit=True)  # trained from scratch, as in the paper
+        trainee = ss.compact(masks, reinit=True, round_to=settings.round_to)  # trained from scratch, as in the paper
         weights = trainee.parameters()
     else:
         trainee = copy.deepcopy(model)
@@ -145,7 +145,7 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
         report = trainee.report()
     elif method == "single-shot":  # the pruning step, on the untrained model
         reference = fxprune.apply_masks(model, masks, x, analysis=ss.analysis)
-        error = max_relative_error(predict(reference, task.test), predict(ss.compact(masks), task.test))
+        error = max_relative_error(predict(reference, task.test), predict(ss.compact(masks, round_to=settings.round_to), task.test))
         check = Check("apply_masks of its masks, at initialisation", error, exact=True)
         report = "kept channels: " + ", ".join(f"{k} {int(m.sum())}/{len(m)}" for k, m in masks.items())
     elif method == "dst":

@@ -80,7 +80,7 @@ def test_a_unit_with_zero_gradient_goes_first():
     (group,) = ss.budget.groups
     scores = ss.scores((x, y), F.cross_entropy)[group]
     assert float(scores[5]) == 0 and int(scores.argmin()) == 5 and bool((scores[torch.arange(16) != 5] > 0).all())
-    masks = ss.masks((x, y), F.cross_entropy, target=0.95)  # one unit is 12/192 = 6.25% of the FLOPs
+    masks = ss.masks((x, y), F.cross_entropy, target=0.95, round_to=1)  # one unit is 12/192 = 6.25% of the FLOPs
     assert (~masks[group]).nonzero().flatten().tolist() == [5]
 
 
@@ -105,10 +105,22 @@ def test_budget_is_reached_with_the_fewest_removals(metric, target):
     assert getattr(fxprune.cost(ss.compact(masks, round_to=1), X[:2]), metric) > target * getattr(dense, metric)
 
 
+def test_masks_and_compact_round_to_8_by_default_and_meet_the_target():
+    """masks() ranks for the rounding compact() does by default, so the default pair meets the target."""
+    torch.manual_seed(0)
+    model = Residual(24, 2)
+    ss = SingleShot(model, X[:2])
+    masks = ss.masks((X, Y), F.cross_entropy, target=0.5)
+    assert all(int(m.sum()) % 8 == 0 or bool(m.all()) for m in masks.values())
+    small = ss.compact(masks)
+    assert fxprune.cost(small, X[:2]).flops <= 0.5 * fxprune.cost(model, X[:2]).flops
+    assert all(m.out_channels % 8 == 0 for m in small.modules() if isinstance(m, nn.Conv2d))
+
+
 def test_unreachable_target_warns_and_keeps_one_unit_per_group():
     ss = SingleShot(Residual(8, 2), X[:2])
     with pytest.warns(UserWarning, match="out of reach"):
-        masks = ss.masks((X, Y), F.cross_entropy, target=1e-6)
+        masks = ss.masks((X, Y), F.cross_entropy, target=1e-6, round_to=1)
     assert all(int(m.sum()) == 1 for m in masks.values())
 
 
@@ -145,5 +157,5 @@ def test_rounded_ranking_keeps_multiples_and_meets_the_target_after_rounding(tar
     assert all(int(m.sum()) % 4 == 0 or int(m.sum()) == sizes[k] for k, m in masks.items())
     small = ss.compact(masks, reinit=True, round_to=4)  # trained from scratch: the rounded units count too
     assert fxprune.cost(small, X[:2]).flops <= target * fxprune.cost(model, X[:2]).flops
-    unrounded = ss.masks((X, Y), F.cross_entropy, target=target)
+    unrounded = ss.masks((X, Y), F.cross_entropy, target=target, round_to=1)
     assert any(int(m.sum()) % 4 for m in unrounded.values())  # rounding changed something

@@ -105,10 +105,11 @@ class SingleShot:
         return masks_without(lo)
 
     def masks(self, batch: tuple[Any, Any], loss_fn: Callable[[Any, Any], torch.Tensor], target: float = 0.5,
-              metric: str = "flops", round_to: int | None = None) -> dict[str, torch.Tensor]:
+              metric: str = "flops", round_to: int | None = DEFAULT_ROUND_TO) -> dict[str, torch.Tensor]:
         """Keep masks for every prunable group that bring the cost in ``metric`` ("flops" or
-        "params") to ``target`` times the dense cost, from one pass on ``batch``; ``round_to``:
-        channel counts at its multiples (:meth:`rank`), which the hardware runs fastest."""
+        "params") to ``target`` times the dense cost, from one pass on ``batch``; ``round_to``
+        (default 8, as :meth:`compact` rounds; 1 or None: no rounding): channel counts at its
+        multiples (:meth:`rank`), which the hardware runs fastest."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if not 0 < target <= 1:
