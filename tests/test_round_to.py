@@ -137,7 +137,8 @@ def test_round_to_must_be_a_positive_int(round_to):
     masks = {"0": torch.arange(8) < 3}
     calls = [lambda: fxprune.compact(model, masks, x, round_to=round_to),
              lambda: SingleShot(model, x).compact(masks, round_to=round_to),
-             lambda: GrowEfficient(model, x, epochs=1).compact(round_to=round_to)]
+             lambda: GrowEfficient(model, x, epochs=1).compact(round_to=round_to),
+             lambda: GrowEfficient(model, x, epochs=1, round_to=round_to)]
     for call in calls:
         with pytest.raises(ValueError, match=f"round_to must be a positive int .*got {round_to!r}"):
             call()

@@ -40,7 +40,7 @@ from ..compact import compact as compact_model
 from ..cost import Cost
 from ..grow import grow
 from ..mapping import Mapping, TensorMap
-from ..masks import DEFAULT_ROUND_TO, rounded
+from ..masks import DEFAULT_ROUND_TO, check_round_to, rounded
 from ..modules.gate import WRAPPERS, Gate
 from ..optim import load_named_state_dict, named_state_dict, remap_optimizer
 from .budget import METRICS, Budget, gated_groups
@@ -109,8 +109,7 @@ class GrowEfficient:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if not 0 < target <= 1:
             raise ValueError(f"target must be a fraction of the original cost in (0, 1], got {target}")
-        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+        check_round_to(round_to)
         if epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         self.example_inputs, self.target, self.metric = example_inputs, target, metric
