@@ -145,7 +145,8 @@ def train(method: str, model: nn.Module, task: Task, settings: Settings, seed: i
         report = trainee.report()
     elif method == "single-shot":  # the pruning step, on the untrained model
         reference = fxprune.apply_masks(model, masks, x, analysis=ss.analysis)
-        error = max_relative_error(predict(reference, task.test), predict(ss.compact(masks, round_to=settings.round_to), task.test))
+        small = ss.compact(masks, round_to=settings.round_to)
+        error = max_relative_error(predict(reference, task.test), predict(small, task.test))
         check = Check("apply_masks of its masks, at initialisation", error, exact=True)
         report = "kept channels: " + ", ".join(f"{k} {int(m.sum())}/{len(m)}" for k, m in masks.items())
     elif method == "dst":
