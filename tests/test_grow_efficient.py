@@ -20,8 +20,9 @@ Y = torch.arange(4)
 
 
 def make(**kwargs) -> GrowEfficient:
+    """GrowEfficient on groups of 8 channels, unrounded unless asked (rounded to 8, each stays whole)."""
     torch.manual_seed(0)
-    return GrowEfficient(Residual(8, 2), X, **{"epochs": 5, **kwargs})
+    return GrowEfficient(Residual(8, 2), X, **{"epochs": 5, "round_to": 1, **kwargs})
 
 
 def step(ge: GrowEfficient, optimizer: torch.optim.Optimizer) -> None:
@@ -121,7 +122,7 @@ def test_seed_architecture_and_masks():
         if g.prunable:
             assert int(masks[g.name].sum()) == math.ceil(0.25 * g.size)
     assert all(masks[layer.name] is True for layer in ge.analysis.layers)
-    layers = GrowEfficient(Residual(8, 4), X, epochs=2, seed_layers=0.5).masks()
+    layers = GrowEfficient(Residual(8, 4), X, epochs=2, seed_layers=0.5, round_to=1).masks()
     assert [layers[f"blocks.{i}"] for i in range(4)] == [True, False, False, True]
 
 
@@ -253,7 +254,7 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_trains_resizes_and_compacts_on_the_gpu():
     torch.manual_seed(0)
     x, y = X.cuda(), Y.cuda()
-    ge = GrowEfficient(Residual(8, 2).cuda(), x, epochs=5, seed=0.5)
+    ge = GrowEfficient(Residual(8, 2).cuda(), x, epochs=5, seed=0.5, round_to=1)
     assert all(g.weight.is_cuda for g in ge.gates().values())
     optimizer = torch.optim.SGD(ge.weights(), lr=0.05, momentum=0.9)
     loss = F.cross_entropy(ge.model(x), y) + ge.penalty()

@@ -119,14 +119,18 @@ def test_methods_round_to_8_by_default_and_1_opts_out():
     assert conv_widths(fxprune.compact(model, masks, x)) == [13, 13]  # the compiler primitive does not round
 
 
-def test_grow_efficient_resizes_without_rounding():
-    """Only the final compaction rounds: resizing during training keeps the widths it computes."""
+def test_grow_efficient_resizes_to_room_for_its_rounded_architecture():
+    """A resize keeps the units on and the reserve, and with round_to as many as the rounded
+    architecture that compact() returns needs: 9 of 30 units on, a reserve of 25%: 12, or 16."""
     from fxprune.methods import GrowEfficient
 
     model, x = two_convs(30), torch.randn(2, 3, 8, 8)
-    ge = GrowEfficient(model, x, target=0.5, epochs=2, seed=0.3)
-    ge.resize()
-    assert any(w % 8 for w in conv_widths(ge.base)), conv_widths(ge.base)
+    widths = {}
+    for round_to in (1, 8):
+        ge = GrowEfficient(model, x, target=0.5, epochs=2, seed=0.3, round_to=round_to)
+        ge.resize()
+        widths[round_to] = conv_widths(ge.base)
+    assert widths == {1: [12, 12], 8: [16, 16]}
 
 
 @pytest.mark.parametrize("round_to", [0, -8, 2.5, True, "8"])

@@ -117,10 +117,10 @@ class Recorded(GrowEfficient):
 def ge_run(model: Callable[[], nn.Module], loader: DataLoader, epochs: int = 2, resize_every: int = 3,
            prepare: Callable[[GrowEfficient], None] | None = None, stop_at: int | None = None, kill: bool = False,
            **fit_kwargs: Any) -> tuple[Recorded, FitResult]:
-    """GrowEfficient from a seed of a quarter of the units toward half the FLOPs, SGD with a step
-    schedule; ``prepare`` edits it before training."""
+    """GrowEfficient from a seed of a quarter of the units toward half the FLOPs (unrounded: the
+    tiny groups would round whole), SGD with a step schedule; ``prepare`` edits it before training."""
     torch.manual_seed(0)
-    ge = Recorded(model(), loader.dataset.tensors[0][:1], target=0.5, epochs=epochs, lam=2.0,
+    ge = Recorded(model(), loader.dataset.tensors[0][:1], target=0.5, epochs=epochs, lam=2.0, round_to=1,
                   stop_at=stop_at, kill=kill)
     ge.resize()
     if prepare is not None:

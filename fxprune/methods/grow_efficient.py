@@ -79,9 +79,9 @@ class GrowEfficient:
       removes that layer, as :func:`fxprune.compact` does), so the masks always compact. The
       eval-mode gated model then differs from the compacted one (it has the group empty, and a
       layer's branch still adds the constant its emptied group leaves).
-    - ``round_to``: the final architecture keeps channel counts at multiples of ``round_to`` (the
-      channel block the hardware computes in: 16 floats for an AVX-512 CPU, 8 halves for a GPU's
-      tensor cores), the off units of highest ``s`` filling up each group, and the controller
+    - ``round_to`` (default 8; 1: no rounding): the final architecture keeps channel counts at
+      multiples of ``round_to`` (the channel block the hardware computes in: 8 halves for a GPU's
+      tensor cores, 16 floats for an AVX-512 CPU), the off units of highest ``s`` filling up each group, and the controller
       measures the cost of that rounded architecture, so that the model :meth:`compact` returns
       meets the target; :meth:`resize` keeps room for it (a group of ``n`` units on keeps at least
       ``ceil(n / round_to) * round_to`` units, or all of the original model's), which trains a
@@ -104,7 +104,7 @@ class GrowEfficient:
     def __init__(self, model: nn.Module, example_inputs: Any, target: float = 0.5, metric: str = "flops", *,
                  epochs: int, seed: float = 0.25, seed_layers: float = 1.0, s0: float = 1.0,
                  beta_final: float = 200.0, lam: float = 0.5, tol: float = 0.05, lr: float = 0.1,
-                 momentum: float = 0.9, reserve: float = 0.25, layer_drop: float = 0.01, round_to: int | None = None):
+                 momentum: float = 0.9, reserve: float = 0.25, layer_drop: float = 0.01, round_to: int = DEFAULT_ROUND_TO):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if not 0 < target <= 1:
@@ -114,7 +114,7 @@ class GrowEfficient:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         self.example_inputs, self.target, self.metric = example_inputs, target, metric
         self.s0, self.lam0, self.tol, self.lam = s0, lam, tol, 0.0
-        self.reserve, self.layer_drop, self.round_to = reserve, layer_drop, round_to
+        self.reserve, self.layer_drop, self.round_to = reserve, layer_drop, round_to or 1
         self.beta, self.beta_final = 1.0, beta_final
         self.beta_growth = beta_final ** (1 / (epochs - 1)) if epochs > 1 else 1.0
         base = copy.deepcopy(model)
@@ -184,7 +184,7 @@ class GrowEfficient:
         """FLOPs and parameters of ``s > 0``, recomputed only when some gate crossed zero."""
         hard = self._layout.hard(self._logits())
         if self._hard is None or not torch.equal(hard, self._hard[0]):
-            if self.round_to:  # the architecture compact() returns
+            if self.round_to > 1:  # the architecture compact() returns
                 masks = rounded(self.analysis, self.masks(), self.round_to, self._scores())
                 flat, layers = self.budget.flat(masks), self.budget.layer_probabilities(masks)
             else:
@@ -218,7 +218,8 @@ class GrowEfficient:
         agree on them."""
         return {"metric": self.metric, "target": self.target, "s0": self.s0, "lam": self.lam0, "tol": self.tol,
                 "reserve": self.reserve, "layer_drop": self.layer_drop, "beta_final": self.beta_final,
-                "beta_growth": self.beta_growth, "dense": self.dense, "unit_cost": self.unit_cost}
+                "beta_growth": self.beta_growth, "round_to": self.round_to, "dense": self.dense,
+                "unit_cost": self.unit_cost}
 
     def state_dict(self) -> dict[str, Any]:
         """The training state: the physical model with the trained weights (a GraphModule, which
@@ -248,10 +249,10 @@ class GrowEfficient:
 
     def compact(self, round_to: int | None = None) -> tuple[torch.fx.GraphModule, Mapping]:
         """The final architecture (``s > 0``) as a dense model with the trained weights, and the
-        mapping of its tensors from ``ge.base``. ``round_to`` (default: ``ge.round_to``, else 8, for
-        tensor cores and SIMD kernels) keeps channel counts at its multiples, adding the off units of
+        mapping of its tensors from ``ge.base``. ``round_to`` (default ``ge.round_to``, whose
+        rounded architecture the controller counted) keeps channel counts at its multiples, adding the off units of
         highest ``s`` (zeroed: the same function); ``round_to=1`` keeps exactly the units that are on."""
-        round_to = (self.round_to or DEFAULT_ROUND_TO) if round_to is None else round_to
+        round_to = self.round_to if round_to is None else round_to
         return compact_model(self.base, self.masks(), self.example_inputs, return_mapping=True,
                              round_to=round_to, scores=self._scores())
 
@@ -307,7 +308,7 @@ class GrowEfficient:
             on = s > 0
             n_on = int(on.sum())
             wanted[key] = max(1, 2 - n_on, math.ceil(reserve * n_on))  # two units at least: one cannot grow
-            if self.round_to:  # room for the rounded architecture that compact() returns
+            if self.round_to > 1:  # room for the rounded architecture that compact() returns
                 wanted[key] = max(wanted[key], min(-(-n_on // self.round_to) * self.round_to, self._sizes[key]) - n_on)
             off = (~on).nonzero().flatten()
             keep[key] = on.clone()
