@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCHVISION ?= torchvision==0.28.0
+TIMM ?= timm==1.0.31
 PYTEST_FLAGS ?= -q -ra --strict-markers --durations=10
 
 PY := $(VENV)/bin/python
@@ -12,13 +13,14 @@ STAMP := $(VENV)/.fxprune-installed
 
 venv: $(STAMP)
 
-# torch is pinned and installed first so that nothing below replaces it; torchvision is
-# only used for its pure-Python model definitions, hence --no-deps.
+# torch is pinned and installed first so that nothing below replaces it; torchvision and timm
+# are only used for their pure-Python model definitions, hence --no-deps (timm's other
+# dependencies, huggingface_hub, safetensors and pyyaml, are pinned in the dev extras).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[dev]" "$(TORCH)"
-	$(PY) -m pip install --no-deps "$(TORCHVISION)"
+	$(PY) -m pip install --no-deps "$(TORCHVISION)" "$(TIMM)"
 	touch $@
 
 test: venv

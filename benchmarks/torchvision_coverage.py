@@ -47,6 +47,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,27 @@ HUGE_PARAMS = 250e6  # vit_h_14, vit_l_16, vit_l_32, regnet_y_128gf (the largest
 
 def input_size(name: str) -> int:
     return next((s for prefix, s in FIXED_SIZE.items() if name.startswith(prefix)), DEFAULT_SIZE)
+
+
+@dataclass
+class Zoo:
+    """A collection of models for the coverage runner: how to list, build and describe them.
+
+    ``build(name, seed)`` returns ``(model, example input)``; ``script`` is the file whose
+    ``--worker`` runs one model in a subprocess (the script that made this zoo).
+    """
+
+    name: str
+    section: str
+    script: Path
+    names: Callable[[], list[str]]
+    build: Callable[[str, int], tuple[Any, Any]]
+    input_size: Callable[[str], Any]
+    param_count: Callable[[str], int]
+    models_text: str  # how the models are built and fed, for the doc
+    package: str  # the package whose version the doc names
+    huge_params: float = HUGE_PARAMS
+    exists: Callable[[str], bool] | None = None  # whether --models may name it (default: it is in names())
 
 
 # --------------------------------------------------------------------------- reasons
@@ -157,6 +180,26 @@ def build(name: str, seed: int):
     return model.eval(), torch.randn(1, 3, size, size)
 
 
+def _torchvision_names() -> list[str]:
+    from fxprune.zoo import classification_model_names
+
+    return classification_model_names()
+
+
+def _torchvision_param_count(name: str) -> int:
+    from fxprune.zoo import torchvision_models
+
+    return sum(p.numel() for p in getattr(torchvision_models(), name)(weights=None).parameters())
+
+
+TORCHVISION = Zoo(
+    name="torchvision", section=SECTION, script=Path(__file__).resolve(), names=_torchvision_names, build=build,
+    input_size=input_size, param_count=_torchvision_param_count, package="torchvision",
+    models_text="Every torchvision classification model (`weights=None`, eval mode, constant parameters and "
+                "BatchNorm statistics redrawn by `fxprune.zoo.randomize_constants`), input 1x3xSxS (S = 224 for "
+                "vit/swin/maxvit, 299 inception, 96 googlenet, 128 efficientnet_v2, 64 otherwise).")
+
+
 def random_masks(analysis, keep: float, seed: int) -> dict:
     import torch
 
@@ -210,9 +253,10 @@ def worker(args) -> None:
     import fxprune
 
     torch.set_num_threads(args.threads)
-    rec: dict[str, Any] = {"model": args.worker, "input": input_size(args.worker), "stage": "build"}
+    rec: dict[str, Any] = {"model": args.worker, "input": args.zoo.input_size(args.worker), "stage": "build"}
     _write(args.out, rec)
-    model, x = build(args.worker, args.seed)
+    model, x = args.zoo.build(args.worker, args.seed)
+    rec["input"] = "x".join(map(str, x.shape[2:]))
     rec["params_before"] = sum(p.numel() for p in model.parameters())
     rec["stage"] = "analyze"
     _write(args.out, rec)
@@ -221,6 +265,7 @@ def worker(args) -> None:
         analysis = fxprune.analyze(model, x)
     except Exception as e:  # noqa: BLE001
         rec["failure"] = _failure("analyze", e)
+        rec["untraceable"] = isinstance(e, fxprune.TraceError)
         rec["stage"] = "done"
         rec["peak_rss_mb"] = _peak_rss_mb()
         _write(args.out, rec)
@@ -298,14 +343,12 @@ def localize(rec: dict, model, masks: dict, x, analysis, args) -> None:
 
 # --------------------------------------------------------------------------- parent
 
-def param_counts(names: list[str]) -> dict[str, int | None]:
+def param_counts(names: list[str], zoo: Zoo) -> dict[str, int | None]:
     """Parameter counts without allocating parameters (factories redirected to the meta device)."""
     import warnings
 
     import torch
     from torch.overrides import TorchFunctionMode
-
-    from fxprune.zoo import torchvision_models
 
     factories = {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn}
 
@@ -316,12 +359,12 @@ def param_counts(names: list[str]) -> dict[str, int | None]:
                 kwargs["device"] = "meta"
             return func(*args, **kwargs)
 
-    models, out = torchvision_models(), {}
+    out = {}
     for name in names:
         try:
             with warnings.catch_warnings(), MetaFactories():
                 warnings.simplefilter("ignore")
-                out[name] = sum(p.numel() for p in getattr(models, name)(weights=None).parameters())
+                out[name] = zoo.param_count(name)
         except Exception:  # noqa: BLE001 - unknown size: run the model
             out[name] = None
     return out
@@ -339,7 +382,7 @@ def run_one(name: str, args) -> dict:
     fd, out = tempfile.mkstemp(prefix=f"fxprune-cov-{name}-", suffix=".json")
     os.close(fd)
     os.unlink(out)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--out", out,
+    cmd = [sys.executable, str(args.zoo.script), "--worker", name, "--out", out,
            "--seed", str(args.seed), "--keep", str(args.keep), "--tolerance", str(args.tolerance),
            "--threads", str(args.threads), "--localize-budget", str(args.localize_budget),
            "--redraws", str(args.redraws)]
@@ -360,7 +403,7 @@ def run_one(name: str, args) -> dict:
                 proc.wait()
                 break
             time.sleep(0.25)
-    rec: dict[str, Any] = {"model": name, "input": input_size(name)}
+    rec: dict[str, Any] = {"model": name, "input": args.zoo.input_size(name)}
     try:
         with open(out) as f:
             rec = json.load(f)
@@ -385,6 +428,8 @@ def run_one(name: str, args) -> dict:
 
 def status(rec: dict) -> str:
     f = rec.get("failure")
+    if f and rec.get("untraceable"):
+        return "untraceable: " + f"{f['message']}".replace("\n", " ")[:150].replace("|", "\\|")
     if f:
         msg = f"{f['type']}: {f['message']}".replace("\n", " ")
         msg = msg[:60] + " … " + msg[-90:] if len(msg) > 153 else msg  # the end names the cause
@@ -429,11 +474,16 @@ def table(results: list[dict]) -> str:
 
 def totals(results: list[dict], skipped: dict[str, int | None]) -> str:
     n = len(results)
-    failed = sum(1 for r in results if r.get("failure"))
+    untraceable = sum(1 for r in results if r.get("untraceable"))
+    failed = sum(1 for r in results if r.get("failure")) - untraceable
     flagged = sum(1 for r in results if r.get("flagged"))
     beyond = sum(1 for r in results if set(r.get("reasons", {})) - {"model output"})
-    line = (f"{n} models: {n - failed} exact, {flagged} with flagged groups ({beyond} with flagged groups "
+    exact = n - failed - untraceable
+    line = (f"{n} models: {exact} exact, {flagged} with flagged groups ({beyond} with flagged groups "
             f"other than the model output), {failed} failed")
+    if untraceable:
+        line += (f", {untraceable} untraceable (TraceError); {exact} of {n - untraceable} traceable models pass "
+                 f"({exact / max(n - untraceable, 1):.0%})")
     with_layers = [r for r in results if r.get("layers")]
     line += (f"; {len(with_layers)} models expose {sum(r['layers'] for r in with_layers)} removable layers, "
              f"and removing every other one is exact in {sum(1 for r in with_layers if r.get('layers_exact'))}")
@@ -463,15 +513,18 @@ def failures_text(results: list[dict]) -> list[str]:
     return out
 
 
-def machine(threads: int) -> str:
-    """The machine (see report.machine) with torch's threads, torchvision's version and the load at the end."""
-    try:
-        from importlib.metadata import version
-        tv = f"torchvision {version('torchvision')}"
-    except Exception:  # noqa: BLE001
-        tv = "torchvision (version unknown)"
+def machine(threads: int, packages: tuple[str, ...] = ("torchvision",)) -> str:
+    """The machine (see report.machine) with torch's threads, the packages' versions and the load at the end."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def named(package: str) -> str:
+        try:
+            return f"{package} {version(package)}"
+        except PackageNotFoundError:
+            return f"{package} (version unknown)"
+
     load = load_average()
-    return machine_parts([tv], f" ({threads} intra-op thread{'s' if threads != 1 else ''} per model)",
+    return machine_parts([named(p) for p in packages], f" ({threads} intra-op thread{'s' if threads != 1 else ''} per model)",
                          tail=["load average %.1f / %.1f / %.1f at the end of the run" % load] if load is not None else [])
 
 
@@ -480,21 +533,20 @@ def run_info(args, elapsed: float, code_at_start: str | None = None) -> dict:
     code = code_version()
     if code_at_start and code_at_start != code:  # every model imports fxprune afresh
         code = f"{code_at_start} at the start of the run, {code} at its end"
-    return {"command": command(__file__),
-            "machine": machine(args.threads), "code": code, "elapsed_s": elapsed,
+    packages = tuple(dict.fromkeys(("torchvision", args.zoo.package)))
+    return {"command": command(args.zoo.script),
+            "machine": machine(args.threads, packages), "code": code, "elapsed_s": elapsed,
             **{k: getattr(args, k) for k in ("keep", "seed", "tolerance", "timeout", "max_memory_gb", "threads", "redraws")}}
 
 
-def section(results: list[dict], skipped: dict, info: dict) -> str:
+def section(results: list[dict], skipped: dict, info: dict, zoo: Zoo) -> str:
     distinct = collections.Counter()
     for r in results:
         for reason in r.get("reasons", {}):
             distinct[reason] += 1
-    lines = [SECTION, "", f"Command: `{info['command']}`", "", f"Machine: {info['machine']}.", "",
+    lines = [zoo.section, "", f"Command: `{info['command']}`", "", f"Machine: {info['machine']}.", "",
              f"Code: {info['code']}.", "",
-             f"Every torchvision classification model (`weights=None`, eval mode, constant parameters and "
-             f"BatchNorm statistics redrawn by `fxprune.zoo.randomize_constants`), input 1x3xSxS (S = 224 for vit/swin/maxvit, 299 inception, 96 googlenet, "
-             f"128 efficientnet_v2, 64 otherwise). Every prunable group of more than one channel keeps a "
+             f"{zoo.models_text} Every prunable group of more than one channel keeps a "
              f"random {info['keep']:.0%} of its channels (seed {info['seed']}; a draw that would leave some tensor "
              f"without any channel is refused by `compact` with a MaskError and drawn again with the next seed, "
              f"at most {info.get('redraws', 5)} times); `compact` must match `apply_masks` "
@@ -518,12 +570,12 @@ def section(results: list[dict], skipped: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, zoo: Zoo = TORCHVISION) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None, help="comma-separated model names (default: all)")
     p.add_argument("--skip-huge", action=argparse.BooleanOptionalAction, default=True,
                    help="skip models over --huge-params parameters (default: on)")
-    p.add_argument("--huge-params", type=float, default=HUGE_PARAMS,
+    p.add_argument("--huge-params", type=float, default=zoo.huge_params,
                    help="parameter count above which --skip-huge skips a model (default %(default).3g)")
     p.add_argument("--keep", type=float, default=0.7, help="fraction of each group's channels kept")
     p.add_argument("--seed", type=int, default=0)
@@ -543,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.zoo = zoo
     if args.worker:
         worker(args)
         return 0
@@ -559,16 +612,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from fxprune.zoo import classification_model_names
-
-    names = classification_model_names()
+    names = zoo.names()
     if args.models:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in names]
+        unknown = [m for m in wanted if m not in names and not (zoo.exists and zoo.exists(m))]
         if unknown:
             p.error(f"unknown models: {', '.join(unknown)}")
-        names = [n for n in names if n in wanted]
-    counts = param_counts(names) if args.skip_huge else {}
+        names = wanted
+    counts = param_counts(names, zoo) if args.skip_huge else {}
     skipped = {n: c for n, c in counts.items() if c is not None and c > args.huge_params}
     if skipped:
         print("skipping (over %.3g parameters): %s" % (args.huge_params, ", ".join(
@@ -596,8 +647,8 @@ def report(results: list[dict], skipped: dict, info: dict, args) -> int:
     print(table(results))
     print(totals(results, skipped))
     if not args.no_doc:
-        write_section(args.doc, SECTION, section(results, skipped, info))
-        print(f"wrote section '{SECTION}' of {args.doc}", file=sys.stderr)
+        write_section(args.doc, args.zoo.section, section(results, skipped, info, args.zoo))
+        print(f"wrote section '{args.zoo.section}' of {args.doc}", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 from types import ModuleType
 
-__all__ = ["classification_model_names", "randomize_constants", "torchvision_models"]
+__all__ = ["classification_model_names", "randomize_constants", "timm_models", "torchvision_models"]
 
 
 def _models_without_extension(package_dirs: list[str]) -> ModuleType:
@@ -50,6 +50,16 @@ def classification_model_names() -> list[str]:
     """Names of torchvision's classification model factories, e.g. ``"resnet18"``."""
     models = torchvision_models()
     return models.list_models(module=models)
+
+
+def timm_models() -> ModuleType:
+    """Return the ``timm`` package (PyTorch Image Models), importable even where torchvision's compiled
+    extension does not load (timm imports torchvision, whose pure-Python parts are then used)."""
+    if importlib.util.find_spec("timm") is None:
+        raise ImportError("timm is not installed; install it with `pip install --no-deps timm` plus "
+                          "huggingface_hub, safetensors and pyyaml (`make venv` does)")
+    torchvision_models()
+    return importlib.import_module("timm")
 
 
 def randomize_constants(model: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
