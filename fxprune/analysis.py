@@ -14,14 +14,15 @@ from torch import nn
 from . import rules  # noqa: F401  (registers the channel rules)
 from .emptiable import Emptiable, find_emptiable, group_notes
 from .layers import Layer, find_layers, unique_name
-from .labels import LabelSpace, Member, Producer, compress, no_channels
+from .labels import NONE, LabelSpace, Member, Producer, compress, no_channels
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
 from .trace import trace
 
 OUTPUT_REASON = "reaches the model output"
 GRID_LIMIT = 1 << 20  # entries of a tensor used directly with several dims that get their own atoms
 CONSTANT_FILLS = (torch.zeros, torch.ones, torch.full, torch.empty)
-GRID_RULES = (rules.arithmetic.arithmetic, rules.concat.cat)  # the uses that couple such entries one to one
+# the uses that couple such entries one to one, or gather them (a table of position biases)
+GRID_RULES = (rules.arithmetic.arithmetic, rules.concat.cat, rules.concat.getitem, rules.windows.relative_position_bias)
 INPUT_REASON = "comes from the model input"
 
 
@@ -133,7 +134,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
             if tensors_in(value):  # a tensor made from nothing has a fixed shape
                 return fixed_like(self.space, meta, f"created with a fixed shape by {describe(n, self.module)}")
             return value
-        ctx = RuleContext(self.space, n, self.module)
+        ctx = RuleContext(self.space, n, self.module, tainted_inputs=self.tainted)
         found = find_rule(n, self.module)
         if found is not None:
             producers = len(self.space.producers)
@@ -215,7 +216,8 @@ def tensor_aliases(module: nn.Module) -> dict[str, str]:
 
 
 def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) -> Analysis:
-    roots = space.roots()
+    roots = _resolve_splits(space)
+    _resolve_mixes(space, roots)
     _resolve_grids(space, roots)
     blocked = _by_root(space.blocked, roots)
     inexact = _by_root(space.inexact, roots)
@@ -256,6 +258,37 @@ def _build(gm: torch.fx.GraphModule, space: LabelSpace, labels: dict[str, Any]) 
     for g, note in zip(groups, group_notes(emptiable, unit_of, len(groups))):
         g.note = note
     return Analysis(gm, space, groups, labels, roots, unit_of, group_of=group_of, unit_in=unit_in, emptiable=emptiable)
+
+
+def _units(labels: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """The unit root of every position of a label tensor (NONE where it holds no channel), compressed."""
+    return compress(torch.where(labels >= 0, roots[labels.clamp(min=0)], NONE))
+
+
+def _resolve_splits(space: LabelSpace) -> torch.Tensor:
+    """Give every reshape that spread channels over several dims one dim along which its units vary.
+
+    Where the rest of the graph already made them vary along one dim (attention merges the entries
+    of each head), that stays; otherwise the units run along the innermost varying dim, each merged
+    across the others (a channel shuffle's (g, C/g) grid: the C/g positions). Returns the unit roots.
+    """
+    while True:
+        roots = space.roots()
+        spread = [(units, [d for d in range(units.dim()) if units.shape[d] > 1])
+                  for units in (_units(labels, roots) for labels in space.splits)]
+        spread = [(units, varying) for units, varying in spread if len(varying) > 1]
+        if not spread:
+            return roots
+        for units, varying in spread:
+            space.per_index(units, varying[-1])
+
+
+def _resolve_mixes(space: LabelSpace, roots: torch.Tensor) -> None:
+    """An op that mixed values along dims where units vary makes those units not exactly prunable."""
+    for labels, dims, reason in space.mixes:
+        units = _units(labels, roots)
+        if any(units.shape[d] > 1 for d in dims):
+            space.mark_inexact(labels, reason)
 
 
 def _by_root(reasons: dict[int, str], roots: torch.Tensor) -> dict[int, str]:

@@ -100,6 +100,8 @@ class LabelSpace:
     producer_nodes: set[str] = field(default_factory=set)
     aliases: dict[str, str] = field(default_factory=dict)  # a tied tensor's other names -> its first
     grids: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)  # (owner, node, atoms per entry)
+    splits: list[torch.Tensor] = field(default_factory=list)  # labels spread over several dims (a reshape)
+    mixes: list[tuple[torch.Tensor, tuple[int, ...], str]] = field(default_factory=list)  # (labels, dims, reason)
 
     def canonical(self, name: str) -> str:
         """The first qualified name of the tensor called ``name`` (tied weights share one)."""
@@ -157,6 +159,16 @@ class LabelSpace:
         """No atom in ``labels`` may be removed."""
         for atom in atoms_in(labels):
             self.blocked.setdefault(atom, reason)
+
+    def split(self, labels: torch.Tensor) -> None:
+        """``labels`` spread channels over several dims (channels into heads x head size): after the
+        analysis their units must vary along one dim only, so that pruning leaves a rectangle."""
+        self.splits.append(compress(labels))
+
+    def mixes_along(self, labels: torch.Tensor, dims: tuple[int, ...], reason: str) -> None:
+        """An op mixes the values along ``dims`` (a normalisation): once the units are known, removing
+        one that varies along them is not exact."""
+        self.mixes.append((compress(labels), tuple(d % labels.dim() for d in dims), reason))
 
     def mark_inexact(self, labels: torch.Tensor, reason: str) -> None:
         """Removing an atom in ``labels`` would change the function (mixing across channels)."""

@@ -17,6 +17,7 @@ from torch.nn.utils import rnn as rnn_utils
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
+from .modules import window_attention
 from .modules.attention import PrunedMultiheadAttention
 from .modules.recurrent import RecurrentStack
 
@@ -27,6 +28,9 @@ TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEn
 # Helpers that inspect their tensor argument in Python: recorded as calls, not traced into.
 RECORDED = ((transformer, "_get_seq_len"), (rnn_utils, "pack_padded_sequence"),
             (rnn_utils, "pack_sequence"), (rnn_utils, "pad_packed_sequence"))
+# Library calls traced as fxprune's equivalents (same arguments and results), written so that their
+# channels can be followed; by qualified name, so the library need not be imported.
+TRACED_AS = {"torchvision.models.swin_transformer.shifted_window_attention": window_attention.shifted_window_attention}
 PACKING = (rnn_utils.pack_padded_sequence, rnn_utils.pack_sequence, rnn_utils.pad_packed_sequence)
 PACKED_HINT = ("PackedSequence inputs are not supported: fxprune analyses recurrent layers on padded "
                "batches; prune a variant of the model that runs on the padded tensor")
@@ -56,6 +60,12 @@ class _Tracer(torch.fx.Tracer):
             return False
         return super().is_leaf_module(m, qualname)
 
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        replacement = TRACED_AS.get(_qualified_name(target)) if kind == "call_function" else None
+        if replacement is not None:  # a wrapped library function: trace fxprune's equivalent instead
+            return replacement(*args, **kwargs)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -63,6 +73,10 @@ class _Tracer(torch.fx.Tracer):
             if self.failed_in is None:
                 self.failed_in = f"'{self.path_of_module(m) or '<root>'}' ({type(m).__name__})"
             raise
+
+
+def _qualified_name(target: Any) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
 
 
 LAYER_NAME = "fxprune_layer"  # node meta: the name of the removable layer this add closes

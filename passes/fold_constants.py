@@ -109,7 +109,7 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
     keep, seen, folds, report = set(), [], [], []
     for m, lost in lost_inputs:
         node = nodes[m.node]
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None  # F.linear: nothing to fold into
         x = values[(m.node, m.input_arg)].movedim(m.input_dim, 0)
         x = x.reshape(m.input_groups, -1, *x.shape[1:]).transpose(0, 1)  # index i: channel i of every group
         x = x[lost].reshape(len(lost), m.input_groups, -1)
@@ -122,7 +122,7 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
             keep.add(int(roots[i]))
             why = "input-dependent value" if not constant[i] else \
                 f"constant {float(const[i][const[i] != 0][0]):.4g} that {_kind(module)} cannot fold into a bias"
-            report.append(_adjust(analysis, int(roots[i]), node.target, "kept", why))
+            report.append(_adjust(analysis, int(roots[i]), _consumer(node), "kept", why))
         seen.append((m, node, module, lost, const[:, 0], roots))
     for m, node, module, lost, const, roots in seen:
         fold = (const != 0) & torch.tensor([int(r) not in keep for r in roots], dtype=torch.bool)
@@ -138,13 +138,19 @@ def _adjust(analysis, root: int, consumer: str, action: str, detail: str) -> Adj
     return Adjustment(analysis.groups[gi].name, ui, consumer, action, detail)
 
 
-def _kind(module: nn.Module) -> str:
+def _consumer(node: torch.fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.name
+
+
+def _kind(module: nn.Module | None) -> str:
+    if module is None:
+        return "a function"
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
         return "a padded conv"
     return f"a {type(module).__name__}"
 
 
-def _foldable(module: nn.Module) -> bool:
+def _foldable(module: nn.Module | None) -> bool:
     if isinstance(module, nn.Linear):
         return True
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:

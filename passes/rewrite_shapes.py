@@ -75,10 +75,13 @@ def _sizes(args: tuple) -> tuple[list, bool]:
 
 @rewrite("view", "reshape", torch.reshape, "expand")  # literal sizes <- the new output sizes
 def _shape_args(node: torch.fx.Node, shapes: Shapes) -> None:
+    """A size read from another tensor (``out.reshape(B, N, C)`` with C the input's width) is
+    replaced too where its dim changes: it counts channels, which are fixed once compacted."""
     x, *rest = node.args
     sizes, packed = _sizes(tuple(rest))
-    new = shapes.new_shape(node)
-    sizes = [new[i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
+    new, old = shapes.new_shape(node), node.meta["tensor_meta"].shape
+    sizes = [new[i] if (isinstance(s, int) and s != -1) or (isinstance(s, torch.fx.Node) and new[i] != old[i]) else s
+             for i, s in enumerate(sizes)]
     node.args = (x, tuple(sizes)) if packed else (x, *sizes)
 
 

@@ -1,4 +1,5 @@
-"""Attention rules: heads of nn.MultiheadAttention as units, transformer layers, torchvision ViT and Swin."""
+"""Attention rules: heads of nn.MultiheadAttention as units, transformer layers, torchvision ViT (Swin and
+MaxViT: tests/test_window_attention.py)."""
 from __future__ import annotations
 
 import pytest
@@ -206,16 +207,3 @@ def test_vit_heads_and_mlp_are_prunable_and_the_stream_is_inexact(tv):
     with torch.no_grad():
         torch.testing.assert_close(small(x), fxprune.apply_masks(model, masks, x, analysis=an)(x), rtol=1e-4, atol=1e-4)
 
-
-def test_swin_analyses_and_says_why_its_attention_stays_whole(tv):
-    model = randomize_constants(tv.swin_t()).eval()
-    x = torch.randn(1, 3, 224, 224)
-    an = fxprune.analyze(model, x)
-    stream = an.group("features.0.0")
-    assert stream.blocked and "computes its head size from its input width" in stream.reason
-    mlp = [g for g in an.groups if g.name.endswith("mlp.0")]
-    assert len(mlp) == 12 and all(g.prunable for g in mlp)
-    masks = {mlp[0].name: keep(mlp[0].size, 0, 1, 2)}
-    small = fxprune.compact(model, masks, x, analysis=an)
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), fxprune.apply_masks(model, masks, x, analysis=an)(x), rtol=1e-4, atol=1e-4)

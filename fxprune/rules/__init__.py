@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     arithmetic,
     attention,
     concat,
+    contraction,
     conv,
     embedding,
     linear,
@@ -14,6 +15,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     recurrent,
     reduction,
     reshape,
+    windows,
 )
 from .registry import RULES, RuleContext, find_rule, rule
 

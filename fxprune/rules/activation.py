@@ -25,6 +25,7 @@ FUNCTIONS = (
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.square,
     torch.clamp, torch.clip, torch.nn.functional.hardshrink,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,  # shaped like x, values constant
     operator.neg, operator.pos, operator.abs,
     "torchvision.ops.stochastic_depth.stochastic_depth",  # x * bernoulli(N, 1, ...) / (1 - p)
 )
@@ -37,7 +38,8 @@ METHODS = (
 
 NONZERO_AT_ZERO = (
     nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.Threshold,
-    F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.hardtanh, torch.sigmoid, torch.exp,
+    F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.hardtanh, torch.sigmoid, torch.exp, torch.ones_like,
+    torch.full_like,
     torch.clamp, torch.clip, "sigmoid", "sigmoid_", "exp", "clamp", "clamp_", "clip",
 )
 

@@ -9,12 +9,11 @@ and value features; ``out_proj`` produces the output features, which join the re
 from __future__ import annotations
 
 import torch
-import torch.fx
 from torch import nn
 
 from ..labels import along, no_channels
 from ..modules.attention import PrunedMultiheadAttention
-from .registry import RuleContext, element_read, rule, tensors_in
+from .registry import RuleContext, element_read, rule
 
 PROJECTIONS = (("q_proj_weight", 0, "query"), ("k_proj_weight", 1, "key"), ("v_proj_weight", 2, "value"))
 
@@ -55,25 +54,3 @@ def multihead_attention(ctx: RuleContext, query: torch.Tensor, key: torch.Tensor
         return output, no_channels(weights_meta.shape)
     return output, along(heads, -3, weights_meta.shape)
 
-
-@rule("torchvision.models.swin_transformer.shifted_window_attention")
-def shifted_window_attention(ctx: RuleContext, x: torch.Tensor, qkv_weight, proj_weight, *args, **kwargs):
-    """torchvision's Swin attention takes its weights as arguments and computes its head size as
-    input width // num_heads, so neither its heads nor its input features can be removed. Its
-    output features are the rows of ``proj_weight``: they join the residual stream, blocked."""
-    reason = (f"{ctx.where} computes its head size from its input width (torchvision's "
-              "shifted_window_attention): its heads and features stay whole")
-    weight = ctx.node.args[2]
-    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
-        return ctx.boundary((x, qkv_weight, proj_weight, args, kwargs), reason)
-    ctx.space.block(x, reason)
-    owner = ctx.space.canonical(weight.target)
-    out = ctx.produce(owner, proj_weight.shape[0], -1, name=owner.rpartition(".")[0])
-    features = ctx.space.owned(owner, "out", proj_weight.shape[0])
-    ctx.space.block(features, reason)
-    bias = kwargs.get("proj_bias")
-    if isinstance(bias, torch.Tensor):
-        ctx.space.union(bias, features)
-    for t in tensors_in((qkv_weight, args, {k: v for k, v in kwargs.items() if k != "proj_bias"})):
-        ctx.space.block(t, reason)
-    return out

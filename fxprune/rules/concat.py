@@ -2,6 +2,8 @@
 
 cat:   out[o_k + i] <- input_k[i]            split/chunk: piece_k[i] <- x[o_k + i]
 x[..., a:b]: out[i] <- x[a + i]              x[..., c]: channel c is selected and can't be removed
+x[idx] (idx an integer tensor): out[j, ...] <- x[idx[j], ...]; the gathered entries of each position
+of the other dims merge into one unit (a table of relative position biases: one unit per head)
 """
 from __future__ import annotations
 
@@ -45,9 +47,39 @@ def split_by_position(ctx: RuleContext, x: torch.Tensor, *args, **kwargs):  # pi
         dim = kwargs.get("dim", args[0] if args else 0)
     else:
         dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    if varies(x, dim % x.dim()):
+    dim %= x.dim()
+    if varies(x, dim) and ctx.node.target in (torch.unbind, "unbind"):
+        # the pieces stay as many while each keeps a channel (q, k, v of several heads each); one
+        # that is a single channel cannot lose it
+        for i in range(x.shape[dim]):
+            if len(atoms_in(x.select(dim, i))) == 1:
+                ctx.space.block(x.select(dim, i), f"channel selected by an integer index at {ctx.where}")
+    elif varies(x, dim):
         return ctx.boundary(x, f"{ctx.where} splits channels at fixed positions")
     return run_on_labels(ctx, (x, *args), kwargs)
+
+
+def _gathered_dim(ctx: RuleContext, x: torch.Tensor, index: tuple) -> int | None:
+    """The dim that ``x[index]`` gathers with one integer tensor, the other entries taking whole dims."""
+    raw = ctx.node.args[1] if isinstance(ctx.node.args[1], tuple) else (ctx.node.args[1],)
+    tensors = [d for d, i in enumerate(index) if isinstance(i, torch.Tensor)]
+    if len(tensors) != 1 or any(i != slice(None) for d, i in enumerate(index) if d != tensors[0]):
+        return None
+    meta = getattr(raw[tensors[0]], "meta", {}).get("tensor_meta")
+    if meta is None or meta.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.int8, torch.uint8):
+        return None
+    return tensors[0] if tensors[0] < x.dim() else None
+
+
+def _gather(ctx: RuleContext, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Labels of ``x`` gathered along ``dim``: each position of the other dims, merged across ``dim``."""
+    small = compress(x).movedim(dim, -1)
+    rows = small.reshape(-1, small.shape[-1])
+    merged = torch.tensor([ctx.space.union_all(r) for r in rows], dtype=torch.long).reshape(small.shape[:-1])
+    out = ctx.out_shape()
+    gathered = len(out) - (x.dim() - 1)  # the index's dims replace ``dim``
+    view = list(merged.shape[:dim]) + [1] * gathered + list(merged.shape[dim:])
+    return merged.reshape(view).expand(out)
 
 
 def indexed_dims(index: tuple, ndim: int) -> list[tuple[int, object]]:
@@ -71,7 +103,10 @@ def getitem(ctx: RuleContext, x, index, *rest):  # out[i] <- x[index(i)]
         index = (slice(None),) * (index % x.dim()) + (rest[0],)
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, (torch.Tensor, list)) for i in index):
-        return ctx.boundary((x, index), f"{ctx.where} indexes with a tensor or list")
+        gathered = _gathered_dim(ctx, x, index)
+        if gathered is None:
+            return ctx.boundary((x, index), f"{ctx.where} indexes with a tensor or list")
+        return _gather(ctx, x, gathered)
     for dim, entry in indexed_dims(index, x.dim()):
         if not varies(x, dim):
             continue

@@ -63,6 +63,14 @@ def batch_norm_function(ctx: RuleContext, x: torch.Tensor, *args, **kwargs) -> t
     return same(x)
 
 
+@rule(F.normalize)
+def normalize(ctx: RuleContext, x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out=None) -> torch.Tensor:
+    """out[.., c] <- x[.., c] / max(||x||_p, eps) over ``dim``: exact while each unit lies along ``dim``
+    whole (the head dim of a head), decided once the units are known."""
+    ctx.space.mixes_along(x, (dim,), f"{ctx.where} normalises over channels")
+    return same(x)
+
+
 @rule(F.layer_norm, F.group_norm)
 def norm_function(ctx: RuleContext, x: torch.Tensor, shape_or_groups, *args, **kwargs) -> torch.Tensor:
     """F.layer_norm / F.group_norm: normalise across channels; affine tensors join x's channels."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,10 +65,15 @@ class RuleContext:
     node: torch.fx.Node
     gm: torch.fx.GraphModule
     tainted: bool = False
+    tainted_inputs: set[str] = field(default_factory=set)  # nodes whose masked channels may be non-zero
 
     def taint(self) -> None:
         """This op may turn a zeroed channel into a non-zero value (a shift, sigmoid(0) = 0.5)."""
         self.tainted = True
+
+    def input_tainted(self, arg: Any) -> bool:
+        """Whether argument ``arg`` (a node of the graph) may carry non-zero values in masked channels."""
+        return isinstance(arg, torch.fx.Node) and arg.name in self.tainted_inputs
 
     def follows_producer(self) -> bool:
         """Whether the first input comes straight from a producer that feeds only this node."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import along, compress, varies
-from .registry import RuleContext, compressed, rule, run_on_labels
+from .registry import RuleContext, compressed, rule, run_on_labels, same
 
 SPLITTING = (torch.reshape, "view", "reshape", torch.unflatten, "unflatten", "view_as", "reshape_as")
 MOVES = (
@@ -51,11 +51,15 @@ def split_dims(ctx: RuleContext, *args, **kwargs) -> torch.Tensor:  # out[idx'] 
 def on_grid(ctx: RuleContext, out: torch.Tensor, inner: int | None = None) -> torch.Tensor:
     """Labels that vary along one dimension only, so that pruning leaves a rectangular tensor.
 
-    The units run along the innermost varying dimension, or along ``inner`` where the op fixes the
-    outer sizes (channel shuffle's group count), each merged across the others.
+    The units run along ``inner`` where the op fixes the outer sizes (channel shuffle's group
+    count), each merged across the others. Otherwise the choice waits for the whole graph
+    (:meth:`LabelSpace.split`): attention over the heads of a (heads, head size) split makes each
+    head one unit; else the units run along the innermost varying dimension.
     """
     varying = [d for d, n in enumerate(compress(out).shape) if n > 1]
-    if inner is None and len(varying) <= 1:
+    if inner is None and len(varying) > 1:
+        ctx.space.split(out)
+    if inner is None:
         return out
     if inner is not None and inner not in varying:  # every inner position holds the same units
         atom = ctx.space.union_all(out)
@@ -70,4 +74,4 @@ def roll(ctx: RuleContext, x: torch.Tensor, shifts, dims=None) -> torch.Tensor: 
     rolled = range(x.dim()) if dims is None else ([dims] if isinstance(dims, int) else dims)
     if any(varies(x, d % x.dim()) for d in rolled):
         return ctx.boundary(x, f"{ctx.where} rolls channels")
-    return run_on_labels(ctx, (x, shifts) if dims is None else (x, shifts, dims), {})
+    return same(x)  # the labels are constant along the rolled dims
