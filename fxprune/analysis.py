@@ -272,7 +272,7 @@ def _resolve_splits(space: LabelSpace) -> torch.Tensor:
     of each head), that stays; otherwise the units run along the innermost varying dim, each merged
     across the others (a channel shuffle's (g, C/g) grid: the C/g positions). Returns the unit roots.
     """
-    while True:
+    for attempt in range(3):  # merging only removes variation: one pass settles all but mixed grids
         roots = space.roots()
         spread = [(units, [d for d in range(units.dim()) if units.shape[d] > 1])
                   for units in (_units(labels, roots) for labels in space.splits)]
@@ -280,7 +280,11 @@ def _resolve_splits(space: LabelSpace) -> torch.Tensor:
         if not spread:
             return roots
         for units, varying in spread:
-            space.per_index(units, varying[-1])
+            if attempt < 2:
+                space.per_index(units, varying[-1])
+            else:  # channels mixed with entries of no channel along the other dims
+                space.block(units, "a reshape spreads these channels over several dims")
+    return space.roots()
 
 
 def _resolve_mixes(space: LabelSpace, roots: torch.Tensor) -> None:

@@ -7,6 +7,8 @@ import difflib
 import copy
 import io
 import itertools
+import os
+import traceback
 from typing import Any
 
 import torch
@@ -112,7 +114,7 @@ def trace(
             graph = tracer.trace(model, concrete_args)
     except Exception as e:
         where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
-        raise TraceError(f"cannot trace module {where}: {type(e).__name__}: {e}. {HINT}") from e
+        raise TraceError(f"cannot trace module {where}{_construct(e)}: {type(e).__name__}: {e}. {HINT}") from e
     for node in graph.nodes:
         if node.op == "call_function" and node.target in PACKING:
             raise TraceError(f"node '{node.name}' calls {node.target.__name__}. {PACKED_HINT}")
@@ -121,6 +123,17 @@ def trace(
         _keep_module_stacks(model.graph, graph)
     propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _construct(e: BaseException) -> str:
+    """Where the model's own code failed to trace: ' at file:line (the line)', or ''."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(torch_dir)
+              and os.path.dirname(f.filename) != os.path.dirname(__file__)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
 
 
 def _keep_module_stacks(before: torch.fx.Graph, after: torch.fx.Graph) -> None:

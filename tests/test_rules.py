@@ -1470,8 +1470,14 @@ TESTED_RULES = {
                            "test_used_states_couple_every_layer, test_initial_state_*, test_tied_embedding_and_decoder",
     "recurrent.recurrent_cell": "tests/test_recurrent.py: test_unrolled_cell, test_initial_state_from_the_model_input_is_not_prunable",
     "metadata.sequence_length": "tests/test_attention.py::test_transformer_layers",
+    "contraction.einsum": "tests/test_window_attention.py: test_maxvit_*, test_heads_split_by_a_reshape_*, "
+                          "test_a_contraction_over_channels_that_may_be_non_zero_is_not_exact",
+    "contraction.matmul": "tests/test_window_attention.py: test_swin_block_*, test_heads_split_by_a_reshape_*",
+    "linear.linear_function": "tests/test_window_attention.py: test_swin_block_*, test_linear_function_*",
+    "norm.normalize": "tests/test_window_attention.py: test_swin_block_*[*v2*]",
+    "windows.relative_position_bias": "tests/test_window_attention.py: test_swin_block_*",
+    "windows.patch_merging": "tests/test_window_attention.py: test_swin_patch_merging_*",
     "attention.multihead_attention": "tests/test_attention.py",
-    "attention.shifted_window_attention": "tests/test_attention.py::test_swin_*",
 }
 
 

@@ -98,6 +98,42 @@ def test_maxvit_attention_heads_through_einsum_are_units():
         assert small.get_parameter("1.merge.weight").shape[1] == 4 * kept
 
 
+def test_swin_patch_merging_takes_each_channel_from_four_tokens():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), swin.PatchMergingV2(8), nn.Linear(16, 3)).eval()  # norm after reduction
+    x = torch.randn(1, 6, 5, 5)  # odd width: padded
+    analysis = fxprune.analyze(model, x)
+    assert analysis.group("0").prunable and analysis.group("0").size == 8
+    small = assert_compacts_like_apply_masks(model, {"0": torch.arange(8) % 3 != 0}, x, analysis)
+    columns = torch.cat([torch.tensor([1, 2, 4, 5, 7]) + 8 * k for k in range(4)])
+    torch.testing.assert_close(small.get_parameter("1.reduction.weight"), model[1].reduction.weight[:, columns])
+
+
+class FunctionalLinear(nn.Module):
+    """F.linear on a parameter (as a module passing its weight to a function) and on a computed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.weight, self.bias = nn.Parameter(torch.randn(5, 6)), nn.Parameter(torch.randn(5))
+        self.c = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(self.a(x), self.weight, self.bias).relu()
+        return torch.nn.functional.linear(h, self.c.weight * 2, None)
+
+
+def test_linear_function_on_a_parameter_produces_channels_and_on_a_computed_weight_reads_them():
+    torch.manual_seed(0)
+    model = FunctionalLinear().eval()
+    x = torch.randn(7, 4)
+    analysis = fxprune.analyze(model, x)
+    assert analysis.group("a").prunable and analysis.group("a").size == 6
+    assert analysis.group("weight").size == 5  # the parameter's rows, read by the computed weight's columns
+    small = assert_compacts_like_apply_masks(model, {"a": torch.arange(6) != 2}, x, analysis)
+    assert small.get_parameter("weight").shape == (5, 5)
+
+
 class EinsumHeads(nn.Module):
     """Attention with literal head counts, as many libraries write it: q k^T by einsum, then matmul."""
 

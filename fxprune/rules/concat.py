@@ -2,14 +2,16 @@
 
 cat:   out[o_k + i] <- input_k[i]            split/chunk: piece_k[i] <- x[o_k + i]
 x[..., a:b]: out[i] <- x[a + i]              x[..., c]: channel c is selected and can't be removed
-x[idx] (idx an integer tensor): out[j, ...] <- x[idx[j], ...]; the gathered entries of each position
-of the other dims merge into one unit (a table of relative position biases: one unit per head)
+x[idx] (idx an integer tensor): out[j, ...] <- x[idx[j], ...] along a dim without channels; from a
+parameter used directly, the gathered entries of each position of the other dims merge into one unit
+(a table of relative position biases: one unit per head)
 """
 from __future__ import annotations
 
 import operator
 
 import torch
+import torch.fx
 
 from ..labels import atoms_in, compress, varies
 from .registry import RuleContext, compressed, rule, run_on_labels
@@ -53,7 +55,7 @@ def split_by_position(ctx: RuleContext, x: torch.Tensor, *args, **kwargs):  # pi
         # that is a single channel cannot lose it
         for i in range(x.shape[dim]):
             if len(atoms_in(x.select(dim, i))) == 1:
-                ctx.space.block(x.select(dim, i), f"channel selected by an integer index at {ctx.where}")
+                ctx.space.block(x.select(dim, i), f"{ctx.where} splits channels at fixed positions")
     elif varies(x, dim):
         return ctx.boundary(x, f"{ctx.where} splits channels at fixed positions")
     return run_on_labels(ctx, (x, *args), kwargs)
@@ -68,7 +70,11 @@ def _gathered_dim(ctx: RuleContext, x: torch.Tensor, index: tuple) -> int | None
     meta = getattr(raw[tensors[0]], "meta", {}).get("tensor_meta")
     if meta is None or meta.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.int8, torch.uint8):
         return None
-    return tensors[0] if tensors[0] < x.dim() else None
+    source = ctx.node.args[0]
+    table = isinstance(source, torch.fx.Node) and any(node == source.name for _, node, _ in ctx.space.grids)
+    if tensors[0] >= x.dim() or (varies(x, tensors[0]) and not table):
+        return None  # channels selected by index: the index is not rewritten
+    return tensors[0]
 
 
 def _gather(ctx: RuleContext, x: torch.Tensor, dim: int) -> torch.Tensor:
