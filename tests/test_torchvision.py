@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-import fxprune
+from zoo_check import assert_exact_or_refused
 
 zoo = pytest.importorskip("fxprune.zoo")
 try:
@@ -40,25 +40,4 @@ def test_model_compacts_exactly_or_flags(name: str) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         model = zoo.randomize_constants(getattr(MODELS, name)(weights=None)).eval()  # e.g. ViT's zero head
     size = input_size(name)
-    x = torch.randn(1, 3, size, size)
-    analysis = fxprune.analyze(model, x)
-    assert analysis.groups
-    for g in analysis.groups:
-        assert g.prunable or g.reason, f"{g.name} is not prunable but has no reason"
-    masks = {}
-    for g in analysis.groups:
-        if g.prunable and g.size > 1:
-            keep = torch.rand(g.size) > 0.3
-            keep[0] = True
-            masks[g.name] = keep
-    if not masks:
-        pytest.skip(f"{name}: no prunable group; reasons: {sorted({g.reason for g in analysis.groups})[:3]}")
-    with warnings.catch_warnings():  # masks that keep a unit of every group never fail (ShuffleNet once did)
-        warnings.simplefilter("ignore", UserWarning)
-        small = fxprune.compact(model, masks, x, analysis=analysis)
-    reference = fxprune.apply_masks(model, masks, x, analysis=analysis)
-    with torch.no_grad():
-        expected, got = reference(x), small(x)
-    scale = expected.abs().max().clamp(min=1e-12)
-    assert ((expected - got).abs().max() / scale).item() < 1e-5
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_exact_or_refused(model, torch.randn(1, 3, size, size), name)
