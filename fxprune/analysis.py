@@ -14,7 +14,7 @@ from torch import nn
 from . import rules  # noqa: F401  (registers the channel rules)
 from .emptiable import Emptiable, find_emptiable, group_notes
 from .layers import Layer, find_layers, unique_name
-from .labels import NONE, LabelSpace, Member, Producer, compress, no_channels
+from .labels import NONE, LabelSpace, Member, Producer, channels_vary, compress, no_channels
 from .rules.registry import RuleContext, compressed, describe, find_rule, fixed_like, tensors_in
 from .trace import trace
 
@@ -274,7 +274,7 @@ def _resolve_splits(space: LabelSpace) -> torch.Tensor:
     """
     for attempt in range(3):  # merging only removes variation: one pass settles all but mixed grids
         roots = space.roots()
-        spread = [(units, [d for d in range(units.dim()) if units.shape[d] > 1])
+        spread = [(units, [d for d in range(units.dim()) if channels_vary(units, d)])
                   for units in (_units(labels, roots) for labels in space.splits)]
         spread = [(units, varying) for units, varying in spread if len(varying) > 1]
         if not spread:

@@ -236,6 +236,19 @@ def varies(t: torch.Tensor, dim: int) -> bool:
     return compress(t).shape[dim] > 1
 
 
+def channels_vary(t: torch.Tensor, dim: int) -> bool:
+    """Whether two indices along ``dim`` hold different channels at the same position of the other
+    dims (entries of no channel, such as padding, aside)."""
+    small = compress(t)
+    rows = small.movedim(dim, 0).reshape(small.shape[dim], -1)
+    if rows.shape[0] == 1:
+        return False
+    held = rows >= 0
+    high = torch.where(held, rows, rows.new_tensor(-1)).amax(0)
+    low = torch.where(held, rows, rows.new_tensor(torch.iinfo(rows.dtype).max)).amin(0)
+    return bool(((high != low) & held.any(0)).any())
+
+
 def joint_compress(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress two same-shaped label tensors along the dimensions where both are constant."""
     ca, cb = compress(a), compress(b)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..labels import along, compress, varies
+from ..labels import along, channels_vary, compress, varies
 from .registry import RuleContext, compressed, rule, run_on_labels, same
 
 SPLITTING = (torch.reshape, "view", "reshape", torch.unflatten, "unflatten", "view_as", "reshape_as")
@@ -70,8 +70,11 @@ def on_grid(ctx: RuleContext, out: torch.Tensor, inner: int | None = None) -> to
 
 @rule(torch.roll, "roll")
 def roll(ctx: RuleContext, x: torch.Tensor, shifts, dims=None) -> torch.Tensor:  # out[i + k] <- x[i]
-    """Rolling along channels by k is a different permutation once channels are removed."""
+    """Rolling along channels by k is a different permutation once channels are removed; rolling
+    positions that only hold padding besides the same channels (a padded window map) is not."""
     rolled = range(x.dim()) if dims is None else ([dims] if isinstance(dims, int) else dims)
-    if any(varies(x, d % x.dim()) for d in rolled):
+    if any(channels_vary(x, d % x.dim()) for d in rolled):
         return ctx.boundary(x, f"{ctx.where} rolls channels")
-    return same(x)  # the labels are constant along the rolled dims
+    if not any(varies(x, d % x.dim()) for d in rolled):
+        return same(x)  # the labels are constant along the rolled dims
+    return run_on_labels(ctx, (x, shifts) if dims is None else (x, shifts, dims), {})
