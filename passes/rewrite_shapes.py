@@ -13,6 +13,7 @@ import torch.fx
 from torch import nn
 
 from fxprune.errors import CompactError
+from fxprune.labels import channels_vary
 from fxprune.masks import Plan
 
 Rewrite = Callable[[torch.fx.Node, "Shapes"], None]
@@ -75,12 +76,13 @@ def _sizes(args: tuple) -> tuple[list, bool]:
 
 @rewrite("view", "reshape", torch.reshape, "expand")  # literal sizes <- the new output sizes
 def _shape_args(node: torch.fx.Node, shapes: Shapes) -> None:
-    """A size read from another tensor (``out.reshape(B, N, C)`` with C the input's width) is
-    replaced too where its dim changes: it counts channels, which are fixed once compacted."""
+    """A size computed in the graph is replaced too along a dim of channels (``reshape(B, N, C)`` or
+    ``C // heads`` with C another tensor's width): it counts channels, fixed once compacted."""
     x, *rest = node.args
     sizes, packed = _sizes(tuple(rest))
-    new, old = shapes.new_shape(node), node.meta["tensor_meta"].shape
-    sizes = [new[i] if (isinstance(s, int) and s != -1) or (isinstance(s, torch.fx.Node) and new[i] != old[i]) else s
+    new, old, labels = shapes.new_shape(node), node.meta["tensor_meta"].shape, shapes.labels(node)
+    channels = [new[i] != old[i] or channels_vary(labels, i) for i in range(len(new))]
+    sizes = [new[i] if (isinstance(s, int) and s != -1) or (isinstance(s, torch.fx.Node) and channels[i]) else s
              for i, s in enumerate(sizes)]
     node.args = (x, tuple(sizes)) if packed else (x, *sizes)
 

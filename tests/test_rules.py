@@ -1476,6 +1476,7 @@ TESTED_RULES = {
     "linear.linear_function": "tests/test_window_attention.py: test_swin_block_*, test_linear_function_*",
     "norm.normalize": "tests/test_window_attention.py: test_swin_block_*[*v2*]",
     "windows.relative_position_bias": "tests/test_window_attention.py: test_swin_block_*",
+    "attention.scaled_dot_product_attention": "tests/test_window_attention.py: test_scaled_dot_product_attention_*",
     "windows.patch_merging": "tests/test_window_attention.py: test_swin_patch_merging_*",
     "attention.multihead_attention": "tests/test_attention.py",
 }

@@ -161,6 +161,51 @@ def test_heads_split_by_a_reshape_become_units_and_computed_sizes_follow():
     assert small.get_parameter("1.qkv.weight").shape == (24, 12)
 
 
+class FusedHeads(nn.Module):
+    """timm's attention: reshape into heads with a head size computed from the input width, then SDPA."""
+
+    def __init__(self, dim: int = 12, heads: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class SingleHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x)))
+
+
+def test_scaled_dot_product_attention_heads_are_units_and_the_input_width_may_shrink():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), FusedHeads(), nn.Linear(12, 2)).eval()
+    x = torch.randn(2, 5, 4)
+    analysis = fxprune.analyze(model, x)
+    assert analysis.group("1.qkv").size == 3 and analysis.group("0").prunable
+    masks = {"1.qkv": torch.tensor([True, False, True]), "0": torch.arange(12) % 2 == 0}
+    small = assert_compacts_like_apply_masks(model, masks, x, analysis)  # C // heads is rewritten
+    assert small.get_parameter("1.qkv.weight").shape == (24, 6)
+
+
+def test_scaled_dot_product_attention_default_scale_keeps_a_single_head_whole():
+    torch.manual_seed(0)
+    model = SingleHead().eval()
+    x = torch.randn(2, 5, 4)
+    analysis = fxprune.analyze(model, x)
+    assert not analysis.group("q").exact and "scales by the head size" in analysis.group("q").reason
+    assert analysis.group("v").prunable  # the values' features are out[..., d] alone
+    assert_compacts_like_apply_masks(model, {"v": torch.arange(5) != 3}, x, analysis)
+
+
 class SharedScores(nn.Module):
     """Scores summed over channels that may be non-zero when masked (both operands go through exp)."""
 

@@ -1,4 +1,5 @@
-"""Multi-head attention: nn.MultiheadAttention (and the compacted PrunedMultiheadAttention).
+"""Multi-head attention: nn.MultiheadAttention (and the compacted PrunedMultiheadAttention), and
+F.scaled_dot_product_attention.
 
 out <- out_proj(concat over heads of softmax(q_h k_h^T / sqrt(d)) v_h), with q, k, v the rows of
 each head in the input projections. A unit is a whole head: its q, k and v rows (and biases) and
@@ -9,10 +10,13 @@ and value features; ``out_proj`` produces the output features, which join the re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..labels import along, no_channels
+from ..labels import along, no_channels, varies
 from ..modules.attention import PrunedMultiheadAttention
+from .arithmetic import broadcast_only
+from .contraction import contract
 from .registry import RuleContext, element_read, rule
 
 PROJECTIONS = (("q_proj_weight", 0, "query"), ("k_proj_weight", 1, "key"), ("v_proj_weight", 2, "value"))
@@ -53,4 +57,26 @@ def multihead_attention(ctx: RuleContext, query: torch.Tensor, key: torch.Tensor
             space.block(heads, f"{ctx.where} returns attention weights averaged over its heads, and they are used")
         return output, no_channels(weights_meta.shape)
     return output, along(heads, -3, weights_meta.shape)
+
+
+@rule(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(ctx: RuleContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale=None, enable_gqa: bool = False):
+    """softmax(q k^T * scale + mask) v over the batch dims (heads): q and k meet over their last dim,
+    the scores and v over the keys. The default scale is 1/sqrt(q's last size): exact while each unit
+    spans that dim whole (a head), decided once the units are known."""
+    if enable_gqa:
+        return ctx.boundary((q, k, v, attn_mask), f"{ctx.where} shares key and value heads between query heads")
+    args = [ctx.node.args[i] if len(ctx.node.args) > i else ctx.node.kwargs.get(name)
+            for i, name in enumerate(("query", "key", "value"))]
+    batch = "abcdefgh"[:q.dim() - 2]
+    shape = torch.Size((*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2]))
+    scores = contract(ctx, [(q, batch + "le", args[0]), (k, batch + "se", args[1])], batch + "ls", shape)
+    if isinstance(attn_mask, torch.Tensor) and not broadcast_only(attn_mask, scores, attn_mask.shape):
+        ctx.space.union(attn_mask.expand(shape), scores)  # a per-head bias joins its head
+    if varies(scores, -1):
+        ctx.space.mark_inexact(scores, f"{ctx.where} normalises across channels")
+    if scale is None:
+        ctx.space.mixes_along(q, (-1,), f"{ctx.where} scales by the head size")
+    return contract(ctx, [(scores, batch + "ls", None), (v, batch + "sd", args[2])], batch + "ld")
 

@@ -19,17 +19,18 @@ from ..labels import NONE, compress
 from .registry import RuleContext, rule
 
 
-def contract(ctx: RuleContext, operands: list[tuple[torch.Tensor, str, object]], out: str) -> torch.Tensor:
+def contract(ctx: RuleContext, operands: list[tuple[torch.Tensor, str, object]], out: str,
+             shape: torch.Size | None = None) -> torch.Tensor:
     """Labels of a contraction of ``operands`` (labels, one letter per dim, their graph argument)
-    into the letters ``out``."""
+    into the letters ``out``, of ``shape`` (default: the node's output)."""
     letters = list(dict.fromkeys(c for _, lets, _ in operands for c in lets))
     joint = []
     for labels, lets, _ in operands:  # every operand over all letters (size 1 where it lacks one)
         present = [c for c in letters if c in lets]
         small = compress(labels).permute(*[lets.index(c) for c in present])
         joint.append(small.reshape([small.shape[present.index(c)] if c in lets else 1 for c in letters]))
-    shape = torch.broadcast_shapes(*(t.shape for t in joint))
-    joint = [t.expand(shape) for t in joint]
+    full = torch.broadcast_shapes(*(t.shape for t in joint))
+    joint = [t.expand(full) for t in joint]
     _block_unsliceable(ctx, joint, [lets for _, lets, _ in operands], letters)
     for t in joint[1:]:
         ctx.space.union(joint[0], t)
@@ -48,7 +49,7 @@ def contract(ctx: RuleContext, operands: list[tuple[torch.Tensor, str, object]],
         if all(ctx.input_tainted(arg) for _, _, arg in operands):
             ctx.space.mark_inexact(combined, f"{ctx.where} sums over channels that may be non-zero when masked")
         merged = torch.full((rows.shape[0],), NONE, dtype=torch.long)
-    return merged.reshape(small.shape[:len(kept)]).expand(ctx.out_shape())
+    return merged.reshape(small.shape[:len(kept)]).expand(shape or ctx.out_shape())
 
 
 def _block_unsliceable(ctx: RuleContext, joint: list[torch.Tensor], lets: list[str], letters: list[str]) -> None:
