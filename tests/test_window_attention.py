@@ -206,6 +206,33 @@ def test_scaled_dot_product_attention_default_scale_keeps_a_single_head_whole():
     assert_compacts_like_apply_masks(model, {"v": torch.arange(5) != 3}, x, analysis)
 
 
+class CrossCovariance(nn.Module):
+    """timm's XCiT attention: scores between feature dims of each head, scaled by a per-head parameter."""
+
+    def __init__(self, dim: int = 12, heads: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, heads, d, d)
+        return self.proj((attn.softmax(-1) @ v).permute(0, 3, 1, 2).reshape(B, N, C))
+
+
+def test_a_per_head_parameter_broadcast_over_a_head_joins_its_head():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), CrossCovariance(), nn.Linear(12, 2)).eval()
+    x = torch.randn(2, 5, 4)
+    analysis = fxprune.analyze(model, x)
+    heads = analysis.group("1.qkv")
+    assert heads.size == 3 and "1.temperature" in heads.producers
+    small = assert_compacts_like_apply_masks(model, {"1.qkv": torch.tensor([True, False, True])}, x, analysis)
+    assert small.get_parameter("1.temperature").shape == (2, 1, 1)
+
+
 class SharedScores(nn.Module):
     """Scores summed over channels that may be non-zero when masked (both operands go through exp)."""
 

@@ -29,6 +29,12 @@ def broadcast_only(a: torch.Tensor, b: torch.Tensor, a_shape: torch.Size) -> boo
     )
 
 
+def _share_channels(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two same-shaped label tensors both vary along some dim."""
+    ca, cb = compress(a), compress(b)
+    return any(ca.shape[d] > 1 and cb.shape[d] > 1 for d in range(a.dim()))
+
+
 @rule(*ADD, *MUL, *DIV)
 def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[i] <- a[i] op b[i]
     additive = ctx.node.target not in DIV + MUL
@@ -44,6 +50,8 @@ def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[
     if ctx.node.target in DIV:
         ctx.space.block(b, f"divides by channel values at {ctx.where}")
     a_alone, b_alone = broadcast_only(a, wb, a.shape), broadcast_only(b, wa, b.shape)
+    if (a_alone or b_alone) and _share_channels(wa, wb):
+        a_alone = b_alone = False  # a per-head scale over (heads, head dim) entries: coupled along the heads
     if a_alone and b_alone:
         reason = f"broadcasts against channels of another tensor at {ctx.where}"
         ctx.space.block(a, reason)
