@@ -114,12 +114,12 @@ def train_worker(job: dict) -> dict:
     common.seed_everything(job["seed"])
     model = _model(job, task, common)
     gc.collect()
+    baseline = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := the resident set now
-    baseline = _rss_kib("VmRSS")
     run = demo.train(job["method"], model, task, _settings(job, demo), job["seed"], progress=False,
                      test_each_epoch=False)
-    peak = _rss_kib("VmHWM") - baseline
+    peak = max(0, _rss_kib("VmHWM") - baseline)  # pages freed meanwhile can leave the mark below the start
     steps = [b.seconds - a.seconds - b.resize_seconds for a, b in zip(run.history, run.history[1:])]
     if job.get("save"):
         fxprune.save(run.model, job["save"])
