@@ -9,9 +9,14 @@ coupling to the rest of the group. The two pruned models' parameter shapes and o
 example input are compared, which checks that both removed the same channels (outputs differ where
 ``compact`` folds a removed channel's constant into a consumer's bias and Torch-Pruning drops it).
 
-Models: torchvision resnet18, resnet50, mobilenet_v2, densenet121 (weights=None, 1x3x224x224) and a
+Models: torchvision resnet50, mobilenet_v2, densenet121, vit_b_16 (weights=None, 1x3x224x224) and a
 synthetic residual network of N blocks (16 channels, 1x16x8x8) for N in --blocks, to show how time
 grows with the number of graph nodes.
+
+A third measurement per torchvision model ("resize", skipped with --no-resize) times what a training
+method's periodic resize needs: ``compact``, then ``grow`` of some groups of the result, each
+followed by the analysis of its result, computed afresh (``analyze``) or derived
+(``return_analysis=True``).
 
 Method
 ------
@@ -74,11 +79,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "compact_speed.png"
 SECTION = "## analyze + compact speed"
-TV_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121"]
+TV_MODELS = ["resnet50", "mobilenet_v2", "densenet121", "vit_b_16"]
 BLOCKS = [50, 100, 200, 500]
 TP_VERSION = "1.6.1"
 LOAD_AT_START: tuple[float, float, float] | None = None
 LINEAR_SLOPE = 1.10  # log-log slope of time vs node count accepted as linear growth
+RESIZE_BUDGET = 0.15  # seconds for GrowEfficient's resize of resnet50
+GROW_EFFICIENT_MODELS = ("resnet50",)
 TP_INSTALL = f"pip install --no-deps torch-pruning=={TP_VERSION}"
 
 
@@ -144,7 +151,9 @@ def build(name: str):
 # --------------------------------------------------------------------------- channel choice
 
 def choose_masks(analysis, ratio: float, criterion: str, seed: int) -> dict:
-    """Keep-masks removing ``round(ratio * size)`` channels of every prunable group.
+    """Keep-masks removing ``round(ratio * size)`` channels of every prunable group that the weight of
+    one of its producing layers holds (not a group of whole attention heads: Torch-Pruning starts a
+    pruning group from a layer's weight).
 
     "l1": a unit's score is the L1 norm of its producers' output filters (summed over the
     producers of the group); the lowest-scoring units go. "random": a seeded random choice.
@@ -154,13 +163,13 @@ def choose_masks(analysis, ratio: float, criterion: str, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     masks = {}
     for g in analysis.groups:
-        if not g.prunable:
-            continue
+        weights = {f"{p}.weight" for p in g.producers}
+        if not g.prunable or not any(m.kind == "param" and m.name in weights for m in g.members):
+            continue  # Torch-Pruning needs a producing layer's weight to start from (not attention heads)
         n_drop = min(int(round(ratio * g.size)), g.size - 1)
         if n_drop <= 0:
             continue
         score = torch.zeros(g.size, dtype=torch.float64)
-        weights = {f"{p}.weight" for p in g.producers}
         found = False
         if criterion == "l1":
             for m in g.members:
@@ -313,15 +322,17 @@ def worker(spec: dict) -> dict:
         "channels": int(sum(g.size for g in analysis.groups if g.name in masks)),
     }
     info["param_bytes"], info["act_bytes"] = model_bytes(analysis)
+    if spec["tool"] == "resize":
+        return {**info, **resize_times(model, x, analysis, masks, spec)}
 
     if spec["tool"] == "fxprune":
         del analysis
 
-        def run():
+        def run(verify: bool = True):
             t0 = _clock()
             a = fxprune.analyze(model, x)
             t1 = _clock()
-            small = fxprune.compact(model, masks, x, analysis=a)
+            small = fxprune.compact(model, masks, x, analysis=a, verify=verify)
             t2 = _clock()
             return small, (_diff(t1, t0), _diff(t2, t1))
 
@@ -363,7 +374,7 @@ def worker(spec: dict) -> dict:
     with PeakRSS() as peak:
         pruned, t = call(state)
     info["peak_bytes"], info["peak_method"] = peak.peak, peak.method
-    times = [t]
+    times, unverified = [t], []
     del pruned, state
     start = time.perf_counter()
     while len(times) < spec["repeats"] and time.perf_counter() - start < spec["budget"]:
@@ -371,11 +382,74 @@ def worker(spec: dict) -> dict:
         pruned, t = call(state)
         times.append(t)
         del pruned, state
+        if spec["tool"] == "fxprune":  # the same run without compact's final check, in the same conditions
+            pruned, t = run(verify=False)
+            unverified.append(t)
+            del pruned
     for i, clock in enumerate(("wall", "cpu")):
         info[f"{clock}_first"] = [a[i] for a, _ in times]
         info[f"{clock}_second"] = [b[i] for _, b in times]
     info["t_first"], info["t_second"] = info[f"{spec['clock']}_first"], info[f"{spec['clock']}_second"]
+    if spec["tool"] == "fxprune":
+        clock = 0 if spec["clock"] == "wall" else 1
+        info["t_unverified"] = [a[clock] + b[clock] for a, b in unverified] or [float("nan")]
     return info
+
+
+def resize_times(model, x, analysis, masks: dict, spec: dict) -> dict:
+    """CPU (or wall) seconds of the steps of a resize, the best of the repeats: compact, then grow
+    every fourth group of the compact model that has two channels or more by a tenth of its size
+    (at least one), each followed by the analysis of its result, computed afresh (``analyze``) or
+    derived (``return_analysis=True``)."""
+    import fxprune
+
+    clock = 0 if spec["clock"] == "wall" else 1
+    steps = {k: [] for k in ("compact", "analyze compact", "compact derived", "grow", "analyze grown", "grow derived")}
+
+    def timed(key: str, fn, *args, **kwargs):
+        t0 = _clock()
+        out = fn(*args, **kwargs)
+        steps[key].append(_diff(_clock(), t0)[clock])
+        return out
+
+    start = time.perf_counter()
+    for i in range(spec["repeats"] + 1):  # the first round warms up
+        small = timed("compact", fxprune.compact, model, masks, x, analysis)
+        fresh = timed("analyze compact", fxprune.analyze, small, x)
+        small, derived = timed("compact derived", fxprune.compact, model, masks, x, analysis, return_analysis=True)
+        growable = [g for g in derived.groups if g.prunable and g.size >= 2][::4]
+        widen = {g.name: max(1, g.size // 10) for g in growable}
+        big, _ = timed("grow", fxprune.grow, small, x, widen=widen, analysis=derived)
+        grown_fresh = timed("analyze grown", fxprune.analyze, big, x)
+        big, _, grown = timed("grow derived", fxprune.grow, small, x, widen=widen, analysis=derived, return_analysis=True)
+        same = [(g.name, g.size) for g in fresh.groups] == [(g.name, g.size) for g in derived.groups] and \
+            [(g.name, g.size) for g in grown_fresh.groups] == [(g.name, g.size) for g in grown.groups]
+        used = derived.gm is small and grown.gm is big  # derived, not analysed afresh
+        del small, big, fresh, derived, grown, grown_fresh
+        if i == 0:
+            steps = {k: [] for k in steps}
+        elif time.perf_counter() - start > spec["budget"]:
+            break
+    out = {"steps": steps, "widened": len(widen), "derived_used": used, "same_groups": same}
+    if spec["model"] in GROW_EFFICIENT_MODELS:
+        out["grow_efficient"] = grow_efficient_resize(model, x, spec)
+    return out
+
+
+def grow_efficient_resize(model, x, spec: dict) -> list[float]:
+    """Seconds of ``GrowEfficient.resize()`` on its seed (the training method's own resize, as it
+    calls compact, grow and analyze), after one untimed resize."""
+    from fxprune.methods import GrowEfficient
+
+    clock = 0 if spec["clock"] == "wall" else 1
+    ge = GrowEfficient(model, x, target=0.5, metric="flops", epochs=20)
+    ge.resize()
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = _clock()
+        ge.resize()
+        times.append(_diff(_clock(), t0)[clock])
+    return times
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
@@ -454,7 +528,7 @@ def outputs_agree(fx: dict, tp: dict) -> str:
 
 def table(results: dict, names: list[str], with_tp: bool) -> tuple[list, list]:
     head = ["model", "nodes", "removed / channels", "fxprune analyze s", "fxprune compact s",
-            "fxprune total s", "fxprune peak MiB", "params + act MiB", "peak / (params + act)"]
+            "fxprune total s", "total, verify=False s", "fxprune peak MiB", "params + act MiB", "peak / (params + act)"]
     if with_tp:
         head += ["TP build s", "TP prune s", "TP total s", "TP peak MiB", "TP / fxprune time",
                  "same result"]
@@ -468,7 +542,7 @@ def table(results: dict, names: list[str], with_tp: bool) -> tuple[list, list]:
         total = med([p + q for p, q in zip(fx["t_first"], fx["t_second"])])
         ref = fx["param_bytes"] + fx["act_bytes"]
         row = [name, fx["nodes"], f"{fx['removed']} / {fx['channels']}", f"{a:.3f}", f"{c:.3f}",
-               f"{total:.3f}", mib(fx["peak_bytes"]), f"{mib(fx['param_bytes'])} + {mib(fx['act_bytes'])}",
+               f"{total:.3f}", f"{med(fx['t_unverified']):.3f}", mib(fx["peak_bytes"]), f"{mib(fx['param_bytes'])} + {mib(fx['act_bytes'])}",
                f"{fx['peak_bytes'] / ref:.2f}"]
         if with_tp:
             if "error" in tp:
@@ -478,6 +552,29 @@ def table(results: dict, names: list[str], with_tp: bool) -> tuple[list, list]:
                 row += [f"{med(tp['t_first']):.3f}", f"{med(tp['t_second']):.3f}", f"{tt:.3f}",
                         mib(tp["peak_bytes"]), f"{tt / total:.2f}", outputs_agree(fx, tp)]
         rows.append(row)
+    return head, rows
+
+
+def resize_table(results: dict, names: list[str]) -> tuple[list, list]:
+    """The steps of a resize with the analyses of its results re-analysed or derived (see resize_times)."""
+    head = ["model", "widened groups", "compact s", "analyze(result) s", "compact(return_analysis=True) s",
+            "grow s", "analyze(grown) s", "grow(return_analysis=True) s", "resize, re-analysing s",
+            "resize, deriving s", "re-analysing / deriving", "derived == fresh groups"]
+    rows = []
+    for name in names:
+        r = results[name].get("resize")
+        if not r:
+            continue
+        if "error" in r:
+            rows.append([name, f"error: {r['error']}"] + [""] * (len(head) - 2))
+            continue
+        t = {k: min(v) for k, v in r["steps"].items()}
+        fresh = t["compact"] + t["analyze compact"] + t["grow"] + t["analyze grown"]
+        derived = t["compact derived"] + t["grow derived"]
+        rows.append([name, r["widened"]] + [f"{t[k]:.3f}" for k in (
+            "compact", "analyze compact", "compact derived", "grow", "analyze grown", "grow derived")]
+            + [f"{fresh:.3f}", f"{derived:.3f}", f"{fresh / derived:.2f}",
+               ("yes" if r["same_groups"] else "NO") + ("" if r["derived_used"] else " (analysed afresh)")])
     return head, rows
 
 
@@ -553,7 +650,7 @@ def plot(series: dict, path: Path, ylabel: str = "time (s)") -> bool:
     return True
 
 
-def section(args, head, rows, scale_lines, plotted: bool, with_tp: bool, results: dict) -> str:
+def section(args, head, rows, scale_lines, plotted: bool, with_tp: bool, results: dict, resize: tuple) -> str:
     from tabulate import tabulate
 
     cmd = command(__file__)
@@ -562,15 +659,22 @@ def section(args, head, rows, scale_lines, plotted: bool, with_tp: bool, results
            f"Command: `{cmd}`", "",
            f"Machine: {machine()}.", "",
            f"Code: {code_version()}.", "",
-           f"Each prunable fxprune group loses {args.ratio:.0%} of its channels (rounded; "
+           f"Each prunable fxprune group that a layer's weight produces (not attention heads) loses "
+           f"{args.ratio:.0%} of its channels (rounded; "
            f"{'lowest L1 filter norm' if args.criterion == 'l1' else f'random, seed {args.seed}'}); Torch-Pruning "
            "removes the same channels through `DG.get_pruning_group(layer, prune_out_channels, idxs)` and "
-           "`group.prune()`, one root layer per fxprune group. Times are "
+           "`group.prune()`, one root layer per fxprune group. \"total, verify=False\" is the same runs with "
+           "`compact(..., verify=False)`, which skips the final check that the result runs with the predicted "
+           "shapes (the default keeps it). Times are "
            + ("CPU seconds of the measuring process (`time.process_time`, robust to other load on a shared "
               "machine)" if args.clock == "cpu" else "wall-clock seconds")
            + f" with {args.threads} torch thread{'s' if args.threads > 1 else ''}, the best of up to "
            f"{args.repeats} runs (at most {args.budget:.0f} s of repeats) after one warm-up run; fxprune time is "
            "`analyze` + `compact`, Torch-Pruning time is `DependencyGraph().build_dependency` + pruning all groups. "
+           "Both write the pruned weights into new memory; where the allocator cannot reuse memory freed by an "
+           "earlier run, the kernel maps fresh pages (about 13000 page faults for resnet50's pruned weights, "
+           "20-100 ms of system time on this virtual machine, varying with the host's load), so the best run "
+           "is one that reused memory. "
            "Each (model, tool) pair runs in a fresh subprocess. Peak memory is the rise of the process's "
            f"resident set during one run ({', '.join(methods) or 'VmHWM'}: the kernel's high-water mark, reset "
            "through `/proc/self/clear_refs` after `gc.collect()` and `malloc_trim(0)`), so it counts Python and "
@@ -594,6 +698,20 @@ def section(args, head, rows, scale_lines, plotted: bool, with_tp: bool, results
                 f"> Torch-Pruning is not importable, so its columns are skipped. Install it for the benchmark "
                 f"only with `{TP_INSTALL}`.", ""]
     out += [tabulate(rows, head, tablefmt="github", disable_numparse=True), ""]
+    if resize[1]:
+        out += ["Analysis of the rewritten model, as a training method's resize needs it (GrowEfficient compacts, "
+                "analyses the result, grows some groups and analyses again): `compact` and `grow` of the same "
+                "model and masks, the analysis of each result computed afresh by `analyze` (it traces and "
+                "propagates labels again) or derived from the analysis the rewrite started from "
+                "(`return_analysis=True`). The grown groups are every fourth group of the compact model with two "
+                "or more channels, each widened by a tenth of its size (at least one). Each step is the best of "
+                "the repeats; \"derived == fresh groups\" compares the group names and sizes of both analyses "
+                "(tests/test_derived_analysis.py checks members, layers and the models they compact to).", "",
+                tabulate(resize[1], resize[0], tablefmt="github", disable_numparse=True), ""]
+        ge = [(n, min(r["resize"]["grow_efficient"])) for n, r in results.items() if "grow_efficient" in r.get("resize", {})]
+        out += [f"`GrowEfficient(model, x, target=0.5, epochs=20).resize()` on its seed (the method's own resize, "
+                f"with the analyses it computes), best of {args.repeats} after one untimed resize: "
+                + ", ".join(f"{n} {t:.3f} s" for n, t in ge) + ".", ""] if ge else []
     if scale_lines:
         out += ["Growth with graph size (synthetic residual networks):", ""] + scale_lines + [""]
     if plotted:
@@ -609,10 +727,17 @@ def targets(results: dict, args, with_tp: bool, scale_lines) -> list[str]:
     if with_tp and fx and tp and "error" not in fx and "error" not in tp:
         ratio = med([p + q for p, q in zip(tp["t_first"], tp["t_second"])]) / \
             med([p + q for p, q in zip(fx["t_first"], fx["t_second"])])
+        unverified = med([p + q for p, q in zip(tp["t_first"], tp["t_second"])]) / med(fx["t_unverified"])
         lines.append(f"- fxprune >= 3x faster than Torch-Pruning on resnet50: "
-                     f"{'met' if ratio >= 3 else 'MISSED'} (Torch-Pruning / fxprune = {ratio:.2f}).")
+                     f"{'met' if ratio >= 3 else 'MISSED'} (Torch-Pruning / fxprune = {ratio:.2f}; "
+                     f"{unverified:.2f} with `compact(..., verify=False)`).")
     else:
         lines.append("- fxprune >= 3x faster than Torch-Pruning on resnet50: not measured in this run.")
+    rz = r50.get("resize", {})
+    if rz and "grow_efficient" in rz:
+        t = min(rz["grow_efficient"])
+        lines.append(f"- `GrowEfficient.resize()` of resnet50 <= {RESIZE_BUDGET} s: "
+                     f"{'met' if t <= RESIZE_BUDGET else 'MISSED'} ({t:.3f} s).")
     total = [ln for ln in scale_lines if ln.startswith("| fxprune total")]
     if total:
         slope = float(total[0].split("|")[4])
@@ -684,7 +809,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of each group's channels to remove")
     p.add_argument("--criterion", choices=["l1", "random"], default="l1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best reported)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (best reported)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="time shown: CPU seconds of the measuring process (default; robust to other load on "
                         "the machine) or wall-clock seconds; both are kept in --json")
@@ -692,6 +817,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="seconds of repeat runs per measurement at most")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement subprocess")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--no-resize", action="store_true", help="skip the resize measurements (derived vs fresh analysis)")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown file to update (section '%s')" % SECTION)
     p.add_argument("--plot", type=Path, default=PLOT)
     p.add_argument("--no-doc", action="store_true", help="print the table only; write no file")
@@ -726,7 +852,7 @@ def main(argv=None) -> int:
     names = list(models) + [f"synthetic-{b}" for b in blocks]
     tools = ["fxprune"] + (["tp"] if with_tp else [])
     results: dict[str, dict] = {n: {} for n in names}
-    jobs = [(n, t) for n in names for t in tools]
+    jobs = [(n, t) for n in names for t in tools] + ([] if args.no_resize else [(n, "resize") for n in models])
     for name, tool in (bar := tqdm(jobs, desc="benchmark", unit="run")):
         bar.set_postfix_str(f"{name} / {tool}")
         spec = {"model": name, "tool": tool, "ratio": args.ratio, "criterion": args.criterion,
@@ -740,6 +866,9 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     print(tabulate(rows, head, tablefmt="github", disable_numparse=True))
+    resize_head, resize_rows = resize_table(results, names)
+    if resize_rows:
+        print("\n" + tabulate(resize_rows, resize_head, tablefmt="github", disable_numparse=True))
     synth = [n for n in names if n.startswith("synthetic-")]
     scale_lines, series = scaling(results, synth, with_tp)
     if scale_lines:
@@ -753,7 +882,8 @@ def main(argv=None) -> int:
         # A plot needs two or more block counts; a run with fewer leaves an existing PNG alone.
         plotted = len(synth) >= 2 and plot(
             series, args.plot, "CPU time (s)" if args.clock == "cpu" else "wall-clock time (s)")
-        write_section(args.doc, SECTION, section(args, head, rows, scale_lines, plotted, with_tp, results))
+        write_section(args.doc, SECTION, section(args, head, rows, scale_lines, plotted, with_tp, results,
+                                                 (resize_head, resize_rows)))
         print(f"wrote {os.path.relpath(args.doc, Path.cwd())}" + (f" and {os.path.relpath(args.plot, Path.cwd())}" if plotted else ""))
     return 0
 

@@ -10,6 +10,7 @@ parameters and its output is zero: its last BatchNorm starts at zero, or a gate 
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 from collections.abc import Mapping as MappingType
 from typing import Any
@@ -23,9 +24,11 @@ from fxprune.passes.rewrite_shapes import Shapes, rewrite_shapes
 from fxprune.passes.slice_parameters import replace_tensors
 
 from .analysis import Analysis, analyze
+from .collection import gc_paused
 from .compact import verify_shapes
+from .derive import grown_analysis
 from .errors import CompactError, GrowError, TraceError
-from .labels import compress
+from .labels import compress, view_key
 from .layers import Layer
 from .mapping import Mapping, TensorMap, rewrite_mapping
 from .trace import LAYER_NAME, propagate_shapes
@@ -34,9 +37,10 @@ READS = ("in", "read")  # roles whose new entries decide whether anything sees a
 INITS = ("random", "split")
 
 
+@gc_paused()
 def grow(model: nn.Module, example_inputs: Any, widen: MappingType[str, int] | None = None,
          insert: MappingType[str, "str | nn.Module"] | None = None, init: str = "random", seed: int = 0,
-         analysis: Analysis | None = None) -> tuple[torch.fx.GraphModule, Mapping]:
+         analysis: Analysis | None = None, return_analysis: bool = False) -> tuple:
     """A larger model that computes what ``model`` computes, and the mapping of its tensors.
 
     ``widen={group: n}`` adds ``n`` channels to each named prunable group; ``init`` is "random"
@@ -46,6 +50,10 @@ def grow(model: nn.Module, example_inputs: Any, widen: MappingType[str, int] | N
     layer (``analysis.layers``): "copy" copies that layer's branch with re-initialised modules, an
     ``nn.Module`` is used as the branch. The new block's output starts at zero. ``model`` is not
     changed.
+
+    ``return_analysis=True`` returns ``(result, mapping, analysis)``, the analysis equal to
+    ``analyze(result, example_inputs)``: derived from ``analysis`` without tracing again when only
+    groups are widened, computed afresh when blocks are inserted.
     """
     if init not in INITS:
         raise GrowError(f"init must be one of {INITS}, got {init!r}")
@@ -55,7 +63,7 @@ def grow(model: nn.Module, example_inputs: Any, widen: MappingType[str, int] | N
     layout = _Layout(analysis, added, generator)
     grown = _grown_tensors(analysis, layout, init, generator)
     gm = replace_tensors(analysis.gm, lambda name, t: grown[name][0] if name in grown else None)
-    shapes = Shapes(analysis.labels, layout.of_labels)
+    shapes = Shapes(analysis.labels, lambda name, dim: layout.of_labels(analysis.labels[name], dim))
     resize_modules(gm, analysis.gm, shapes)
     rewrite_shapes(gm, shapes)
     try:
@@ -67,11 +75,15 @@ def grow(model: nn.Module, example_inputs: Any, widen: MappingType[str, int] | N
         _insert_block(gm, _layer(analysis, name), template, mapping)
     if insert:
         try:
-            propagate_shapes(gm, example_inputs, owned=True)
+            propagate_shapes(gm, example_inputs)
         except TraceError as e:
             raise GrowError(f"the blocks inserted after {', '.join(map(repr, insert))} do not keep the shape of "
                             f"their layer's output: {e}") from e
-    return gm, mapping
+    if not return_analysis:
+        return gm, mapping
+    grown = analyze(gm, example_inputs) if insert else \
+        grown_analysis(analysis, gm, layout.place, example_inputs)
+    return gm, mapping, grown
 
 
 def _added_units(analysis: Analysis, widen: dict[str, int]) -> dict[int, int]:
@@ -93,17 +105,27 @@ def _added_units(analysis: Analysis, widen: dict[str, int]) -> dict[int, int]:
     return out
 
 
-def _templates(analysis: Analysis, gi: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """The channels that ``n`` new ones of group ``gi`` copy: drawn among those that share every
+def _templates(analysis: Analysis, added: dict[int, int], generator: torch.Generator) -> dict[int, torch.Tensor]:
+    """Per grown group, the channels that its new ones copy: drawn among those that share every
     tensor with the group's last channel, after which the new ones go."""
-    allowed = torch.ones(analysis.groups[gi].size, dtype=torch.bool)
-    for m in analysis.space.members:
-        roots = analysis.roots[m.atoms[m.atoms >= 0]]
-        units = analysis.unit_in[roots[analysis.group_of[roots] == gi]]
-        if bool((units == len(allowed) - 1).any()):
-            allowed &= torch.isin(torch.arange(len(allowed)), units)
-    choices = allowed.nonzero().flatten()
-    return choices[torch.randint(len(choices), (n,), generator=generator)]
+    vectors = list({view_key(m.atoms): m.atoms for m in analysis.space.members}.values())  # shared atoms count once
+    atoms = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.long)
+    member = torch.repeat_interleave(torch.arange(len(vectors)), torch.tensor([v.shape[0] for v in vectors], dtype=torch.long))
+    member, atoms = member[atoms >= 0], atoms[atoms >= 0]
+    roots = analysis.roots[atoms]
+    group, unit = analysis.group_of[roots], analysis.unit_in[roots]
+    out = {}
+    for gi, n in added.items():
+        size = analysis.groups[gi].size
+        here = group == gi
+        m, u = member[here], unit[here]
+        with_last = torch.unique(m[u == size - 1])  # the tensors that hold the last channel
+        seen = torch.zeros(len(vectors), size, dtype=torch.bool)
+        seen[m, u] = True
+        allowed = seen[with_last].all(0)
+        choices = allowed.nonzero().flatten()
+        out[gi] = choices[torch.randint(len(choices), (n,), generator=generator)]
+    return out
 
 
 class _Layout:
@@ -112,33 +134,59 @@ class _Layout:
 
     def __init__(self, analysis: Analysis, added: dict[int, int], generator: torch.Generator):
         self.analysis, self.added = analysis, added
-        self.templates = {gi: _templates(analysis, gi, n, generator) for gi, n in added.items()}
-        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.templates = _templates(analysis, added, generator)
+        self.first_new = dict(zip(added, itertools.accumulate([0, *added.values()])))  # a group's first new unit
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.kept: list[torch.Tensor] = []
+        self.placed: dict[tuple, tuple] = {}  # by the atoms viewed
+        self.grows = torch.isin(analysis.group_of, torch.tensor(list(added), dtype=torch.long))  # per unit root
 
-    def of_atoms(self, atoms: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, source) along a dim whose index i holds atom ``atoms[i]`` (-1: none)."""
+    def place(self, atoms: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(source, new unit) along a dim whose index i holds atom ``atoms[i]``: for each new index,
+        the old index it is or copies, and which new unit it holds (numbered over all groups from
+        0; -1 for an old index). None where no channel is added along the dim."""
+        placed = self.of_atoms(atoms, where)
+        return None if placed is None else placed[1:]
+
+    def of_atoms(self, atoms: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(index, source, new unit) along a dim whose index i holds atom ``atoms[i]`` (-1: none), or
+        None where no channel is added along the dim."""
+        key = view_key(atoms)
+        if key not in self.placed:  # the entry holds ``atoms``, so that no other tensor takes its address
+            self.placed[key] = (atoms, self._place(atoms, where))
+        return self.placed[key][1]
+
+    def _place(self, atoms: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.analysis
         roots = torch.where(atoms >= 0, a.roots[atoms.clamp(min=0)], 0)
+        if not bool((self.grows[roots] & (atoms >= 0)).any()):
+            return None
         group = torch.where(atoms >= 0, a.group_of[roots], -1)
         unit = torch.where(atoms >= 0, a.unit_in[roots], -1)
-        after: dict[int, list[torch.Tensor]] = {}  # old index -> what the new indices after it copy
+        present = set(torch.unique(group).tolist())
+        after: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # old index -> what the new indices after it copy
         for gi, n in self.added.items():
+            if gi not in present:
+                continue
             positions = (group == gi).nonzero().flatten()
-            if len(positions):
-                for last, sources in self._insertions(positions, unit[positions], gi, n, where):
-                    after.setdefault(last, []).append(sources)
-        index, source, start = [], [], 0
+            for last, sources, units in self._insertions(positions, unit[positions], gi, n, where):
+                after.setdefault(last, []).append((sources, units + self.first_new[gi]))
+        index, source, new_unit, start = [], [], [], 0
         for last in sorted(after):
-            new = torch.cat(after[last])
-            index += [torch.arange(start, last + 1), torch.full((len(new),), -1)]
-            source += [torch.arange(start, last + 1), new]
+            new = torch.cat([s for s, _ in after[last]])
+            kept = torch.arange(start, last + 1)
+            index += [kept, torch.full((len(new),), -1)]
+            source += [kept, new]
+            new_unit += [torch.full((len(kept),), -1), torch.cat([u for _, u in after[last]])]
             start = last + 1
-        return torch.cat(index + [torch.arange(start, len(atoms))]), torch.cat(source + [torch.arange(start, len(atoms))])
+        rest = torch.arange(start, len(atoms))
+        return torch.cat(index + [rest]), torch.cat(source + [rest]), torch.cat(new_unit + [torch.full((len(rest),), -1)])
 
     def of_labels(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
         """The old index of each new index along ``dim`` of a tensor with these labels."""
-        key = (id(labels), dim)
+        key = (view_key(labels), dim)
         if key not in self.cache:
+            self.kept.append(labels)  # so that no other tensor takes its address
             small = compress(labels)
             if small.shape[dim] == 1:  # no channels along dim (groups of one channel do not grow)
                 self.cache[key] = torch.arange(labels.shape[dim])
@@ -146,31 +194,35 @@ class _Layout:
                 rows = small.movedim(dim, 0).reshape(small.shape[dim], -1)
                 none = int(rows.max()) + 1
                 first = torch.where(rows >= 0, rows, none).min(1).values  # a position's channel, if any
-                self.cache[key] = self.of_atoms(torch.where(first == none, -1, first), "a tensor")[0]
+                placed = self.of_atoms(torch.where(first == none, -1, first), "a tensor")
+                self.cache[key] = torch.arange(labels.shape[dim]) if placed is None else placed[0]
         return self.cache[key]
 
-    def _insertions(self, positions, units, gi, n, where) -> list[tuple[int, torch.Tensor]]:
+    def _insertions(self, positions, units, gi, n, where) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """After each run of indices of the group's last unit: (the run's last index, the old
         indices the new units copy: for each template unit, its run of the same length in the same
-        block (after the previous run of the last unit), else its nearest one)."""
+        block (after the previous run of the last unit), else its nearest one; and which of the
+        group's new units each of them holds)."""
         g = self.analysis.groups[gi]
         starts = torch.ones(len(units), dtype=torch.bool)  # a run: consecutive indices of one unit
         starts[1:] = (units[1:] != units[:-1]) | (positions[1:] != positions[:-1] + 1)
         first = starts.nonzero().flatten()
         end = torch.cat([first[1:], torch.tensor([len(units)])])
         run_unit, length = units[first], end - first
+        templates, runs = self.templates[gi], torch.arange(len(run_unit))
         out, previous = [], -1
         for r in (run_unit == g.size - 1).nonzero().flatten().tolist():
-            sources = []
-            for t in self.templates[gi].tolist():
-                same = ((run_unit == t) & (length == length[r])).nonzero().flatten()
-                if not len(same):
-                    raise GrowError(f"cannot widen group '{g.name}': in {where} its channel {t} has no run of "
-                                    f"{int(length[r])} indices like channel {g.size - 1}")
-                block = same[(same > previous) & (same < r)]  # in the same block (an LSTM's gate block)
-                c = block[-1] if len(block) else same[torch.argmin((same - r).abs() * 2 + (same > r).long())]
-                sources.append(positions[first[c]:end[c]])
-            out.append((int(positions[end[r] - 1]), torch.cat(sources)))
+            same = (run_unit[None, :] == templates[:, None]) & (length[None, :] == length[r])  # template x run
+            missing = (~same.any(1)).nonzero().flatten()
+            if len(missing):
+                raise GrowError(f"cannot widen group '{g.name}': in {where} its channel {int(templates[missing[0]])} "
+                                f"has no run of {int(length[r])} indices like channel {g.size - 1}")
+            block = torch.where(same & (runs > previous) & (runs < r), runs, -1).max(1).values  # in the same block
+            nearest = torch.where(same, (runs - r).abs() * 2 + (runs > r).long(), len(runs) * 4).argmin(1)
+            c = torch.where(block >= 0, block, nearest)  # (an LSTM's gate block), else the nearest
+            n = int(length[r])
+            sources = positions[(first[c][:, None] + torch.arange(n)).reshape(-1)]
+            out.append((int(positions[end[r] - 1]), sources, torch.arange(len(templates)).repeat_interleave(n)))
             previous = r
         return out
 
@@ -181,12 +233,14 @@ def _grown_tensors(analysis: Analysis, layout: _Layout, init: str, generator: to
     for m in analysis.space.members:
         per_dim = dims.setdefault(m.owner, {})
         if m.dim not in per_dim:
-            per_dim[m.dim] = (*layout.of_atoms(m.atoms, f"'{m.owner}' (dim {m.dim})"), set())
-        per_dim[m.dim][2].add(m.role)
+            placed = layout.of_atoms(m.atoms, f"'{m.owner}' (dim {m.dim})")
+            per_dim[m.dim] = None if placed is None else (*placed[:2], set())
+        if per_dim[m.dim] is not None:
+            per_dim[m.dim][2].add(m.role)
     tensors = dict(analysis.gm.named_parameters(remove_duplicate=False)) | dict(analysis.gm.named_buffers(remove_duplicate=False))
     out = {}
     for owner, per_dim in dims.items():
-        grown = {d: v for d, v in per_dim.items() if bool((v[0] < 0).any())}
+        grown = {d: v for d, v in per_dim.items() if v is not None and bool((v[0] < 0).any())}
         if not grown:
             continue
         t = tensors[owner].detach()
@@ -211,9 +265,12 @@ def _grow_dim(t: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tens
             copies = torch.bincount(source, minlength=t.shape[dim])
             return grown / copies[source].to(t.dtype).reshape(shape)
         return grown.masked_fill(new.reshape(shape), 0)
-    if "out" in roles and init == "random" and t.dim() > 1:
-        noise = torch.randn(grown.shape, generator=generator, dtype=t.dtype) * t.std().nan_to_num(0)
-        return torch.where(new.reshape(shape), noise, grown)
+    if "out" in roles and init == "random" and t.dim() > 1:  # new filters drawn, only those
+        at = new.nonzero().flatten()
+        size = list(grown.shape)
+        size[dim] = len(at)
+        noise = torch.randn(size, generator=generator, dtype=t.dtype) * t.std().nan_to_num(0)
+        return grown.index_copy_(dim, at, noise)
     if "out" in roles and init == "random":  # a bias
         return grown.masked_fill(new.reshape(shape), 0)
     return grown

@@ -12,6 +12,7 @@ so a channel map of a (N, C, H, W) activation costs C integers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,35 +20,47 @@ NONE = -1  # an element that belongs to no channel (padding, constants)
 
 
 class AtomUnionFind:
-    """Union-find over consecutive integer atoms (path halving, union by smaller id)."""
+    """Union-find over consecutive integer atoms that records merges and resolves them at once.
+
+    Nothing reads a representative while labels propagate, so :meth:`union_pairs` only stores the pairs
+    to merge; :meth:`roots` then finds every connected component with a few vectorised passes
+    (hook each root under the smallest root it touches, then pointer jumping), so its cost grows
+    with the number of pairs, not with Python calls. Each atom's root is the smallest atom of its
+    component.
+    """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self.count = 0
+        self._pairs: list[torch.Tensor] = []  # (k, 2) atom pairs to merge
 
     def add(self, n: int) -> None:
-        self.parent.extend(range(len(self.parent), len(self.parent) + n))
+        self.count += n
 
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, *atoms: int) -> None:
-        roots = {self.find(a) for a in atoms}
-        keep = min(roots)
-        for r in roots:
-            self.parent[r] = keep
+    def union_pairs(self, pairs: torch.Tensor) -> None:
+        """Merge ``pairs[i, 0]`` with ``pairs[i, 1]`` for every row."""
+        if pairs.shape[0]:
+            self._pairs.append(pairs)
 
     def roots(self) -> torch.Tensor:
-        """The representative of every atom, by pointer jumping over the whole array."""
-        parent = torch.tensor(self.parent, dtype=torch.long)
+        """The representative (smallest atom) of every atom's component."""
+        parent = torch.arange(self.count)
+        if not self._pairs:
+            return parent
+        pairs = torch.cat(self._pairs)
+        a, b = pairs[:, 0], pairs[:, 1]
         while True:
-            up = parent[parent]
-            if torch.equal(up, parent):
+            ra, rb = parent[a], parent[b]
+            apart = ra != rb
+            if not bool(apart.any()):
                 return parent
-            parent = up
+            ra, rb = ra[apart], rb[apart]
+            parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), "amin")
+            while True:  # pointer jumping: every atom points at its root again
+                up = parent[parent]
+                if torch.equal(up, parent):
+                    break
+                parent = up
+            a, b = a[apart], b[apart]
 
 
 @dataclass
@@ -143,17 +156,21 @@ class LabelSpace:
         """Merge the atoms found at the same position of ``a`` and ``b`` (same shape)."""
         a, b = joint_compress(a, b)
         pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
-        pairs = pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs >= 0).all(1)]
-        for x, y in torch.unique(pairs, dim=0).tolist():
-            self.uf.union(x, y)
+        self.uf.union_pairs(pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs >= 0).all(1)])
 
     def union_all(self, atoms: torch.Tensor) -> int:
         """Merge every atom in ``atoms``; returns one of them, or NONE if there is none."""
-        found = atoms_in(atoms)
-        if not found:
+        found = distinct_atoms(atoms)
+        if not len(found):
             return NONE
-        self.uf.union(*found)
-        return found[0]
+        self.uf.union_pairs(torch.stack([found[:1].expand(len(found) - 1), found[1:]], 1))
+        return int(found[0])
+
+    def union_rows(self, rows: torch.Tensor) -> None:
+        """Merge the atoms of each row of a 2-D tensor (a grouped convolution's group per row)."""
+        anchor = rows.max(1, keepdim=True).values.expand_as(rows)  # an atom of the row, where it has one
+        pairs = torch.stack([anchor.reshape(-1), rows.reshape(-1)], 1)
+        self.uf.union_pairs(pairs[(pairs[:, 1] >= 0) & (pairs[:, 0] != pairs[:, 1])])
 
     def block(self, labels: torch.Tensor, reason: str) -> None:
         """No atom in ``labels`` may be removed."""
@@ -187,9 +204,13 @@ class LabelSpace:
         small = small.movedim(dim, 0)
         small = small.reshape(small.shape[0], -1)
         first = small[:, 0].clone()
-        mixed = (small != first[:, None]).any(1).nonzero().flatten().tolist()
-        for i in mixed:
-            first[i] = self.union_all(small[i])
+        if small.shape[1] > 1:  # an index holding several atoms merges them; its smallest one stands for them
+            mixed = (small != first[:, None]).any(1).nonzero().flatten()
+            rows = small[mixed]
+            self.union_rows(rows)
+            none = torch.iinfo(rows.dtype).max
+            smallest = torch.where(rows >= 0, rows, none).min(1).values
+            first[mixed] = torch.where(smallest == none, NONE, smallest)
         return first.expand(labels.shape[dim]) if first.shape[0] == 1 else first
 
     def roots(self) -> torch.Tensor:
@@ -197,10 +218,21 @@ class LabelSpace:
         return self.uf.roots()
 
 
+def view_key(t: torch.Tensor) -> tuple:
+    """What identifies the elements a tensor views while it is alive: views of the same memory with
+    the same shape and strides hold the same values."""
+    return t.data_ptr(), t.shape, t.stride()
+
+
+def distinct_atoms(labels: torch.Tensor) -> torch.Tensor:
+    """The distinct atoms in a label tensor, ascending."""
+    unique = torch.unique(compress(labels))
+    return unique[unique >= 0]
+
+
 def atoms_in(labels: torch.Tensor) -> list[int]:
     """The distinct atoms in a label tensor."""
-    unique = torch.unique(compress(labels))
-    return unique[unique >= 0].tolist()
+    return distinct_atoms(labels).tolist()
 
 
 def no_channels(shape: torch.Size) -> torch.Tensor:
@@ -221,7 +253,8 @@ def compress(t: torch.Tensor) -> torch.Tensor:
         if t.shape[d] > 1 and t.stride(d) == 0:
             t = t.narrow(d, 0, 1)
     for d in range(t.dim()):
-        if t.shape[d] > 1 and bool((t == t.narrow(d, 0, 1)).all()):
+        n = t.shape[d]
+        if n > 1 and torch.equal(t.narrow(d, 1, n - 1), t.narrow(d, 0, n - 1)):
             t = t.narrow(d, 0, 1)
     return t
 
@@ -256,3 +289,87 @@ def joint_compress(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
         if ca.shape[d] == 1 and cb.shape[d] == 1:
             a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
     return a, b
+
+
+class IndexTable:
+    """Which atoms each index holds, along chosen dims of many label tensors, as one flat table.
+
+    Index ``i`` along ``dim`` of a label tensor holds the atoms of the slice ``labels.select(dim, i)``;
+    it survives a mask when one of them is kept or when it holds none (a dim along which the labels
+    are constant keeps its size). Registering every dim of every tensor once turns "which indices
+    survive" for all of them into a few vectorised ops (:meth:`surviving`); :meth:`span` says where
+    a key's indices lie in the result. Tensors that share their labels (a conv's output and its
+    BatchNorm's) share rows.
+    """
+
+    def __init__(self) -> None:
+        self._spans: dict[Any, tuple[int, int]] = {}
+        self._shared: dict[tuple, tuple[int, int]] = {}
+        self._rows: list[torch.Tensor] = []
+        self._block: dict[int, int] = {}  # first index of a block of rows -> its position in _rows
+        self._views: dict[tuple, tuple] = {}  # a label tensor seen before -> it, its spans and varying rows
+        self.size = 0  # indices registered
+        self._atoms: torch.Tensor | None = None
+        self._row: torch.Tensor | None = None
+
+    def add_labels(self, name: str, labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Register every dim ``d`` of ``labels`` under ``(name, d)``. Returns, for each dim along
+        which the labels vary, ``(d, rows)``: row ``i`` holds the atoms of index ``i``."""
+        view = view_key(labels)  # nodes that pass their labels on share them
+        if view not in self._views:  # the entry holds ``labels``, so that no other tensor takes its address
+            self._views[view] = (labels, *self._register(labels))
+        _, spans, varying = self._views[view]
+        for d, span in enumerate(spans):
+            self._spans[(name, d)] = span
+        return varying
+
+    def _register(self, labels: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, torch.Tensor]]]:
+        small = compress(labels)
+        spans, varying = [], []
+        for d in range(labels.dim()):
+            constant = small.shape[d] == 1 and labels.shape[d] > 1  # same atoms all along d: it keeps its size
+            shared = ("constant", labels.shape[d]) if constant else (*view_key(small), d)
+            if shared not in self._shared:
+                # rows without atoms always survive
+                rows = torch.zeros(labels.shape[d], 0, dtype=torch.long) if constant else \
+                    small.movedim(d, 0).reshape(small.shape[d], -1)
+                self._add_rows(shared, rows)
+            spans.append(self._shared[shared])
+            if small.shape[d] > 1:
+                varying.append((d, self._rows[self._block[spans[-1][0]]]))
+        return spans, varying
+
+    def add_atoms(self, key: Any, atoms: torch.Tensor) -> None:
+        """Register a 1-D tensor whose index ``i`` holds atom ``atoms[i]`` (NONE: no atom) under ``key``."""
+        shared = ("atoms", *view_key(atoms))
+        if shared not in self._shared:
+            self._add_rows(shared, atoms.reshape(-1, 1))
+        self._spans[key] = self._shared[shared]
+
+    def _add_rows(self, shared: tuple, rows: torch.Tensor) -> None:
+        self._shared[shared] = (self.size, rows.shape[0])
+        self._block[self.size] = len(self._rows)
+        self._rows.append(rows)
+        self.size += rows.shape[0]
+        self._atoms = None
+
+    def span(self, key: Any) -> tuple[int, int] | None:
+        """(first index, count) of ``key``'s indices in the table, or None if not registered."""
+        return self._spans.get(key)
+
+    def spans(self) -> dict[Any, tuple[int, int]]:
+        """Every key and its span."""
+        return self._spans
+
+    def surviving(self, keep_atom: torch.Tensor) -> torch.Tensor:
+        """For every index of the table, whether it survives when ``keep_atom[a]`` says which atoms stay."""
+        if self._atoms is None:
+            sizes = torch.tensor([r.shape[1] for r in self._rows] or [0], dtype=torch.long)
+            counts = torch.tensor([r.shape[0] for r in self._rows] or [0], dtype=torch.long)
+            self._atoms = torch.cat([r.reshape(-1) for r in self._rows]) if self._rows else torch.zeros(0, dtype=torch.long)
+            self._row = torch.repeat_interleave(torch.arange(self.size), torch.repeat_interleave(sizes, counts))
+        has = self._atoms >= 0
+        kept = has & keep_atom[self._atoms.clamp(min=0)]
+        some_kept = torch.zeros(self.size, dtype=torch.long).index_add_(0, self._row, kept.long())
+        some_atom = torch.zeros(self.size, dtype=torch.long).index_add_(0, self._row, has.long())
+        return (some_kept > 0) | (some_atom == 0)

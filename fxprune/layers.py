@@ -6,10 +6,10 @@ else, holding at least one parameter. Removing it leaves y = x, the function tha
 """
 from __future__ import annotations
 
+import heapq
 import operator
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.fx
 
@@ -40,18 +40,16 @@ def find_layers(gm: torch.fx.GraphModule, taken: set[str] = frozenset()) -> list
     """Every residual branch of ``gm``, in graph order, named after the module that holds it
     (``taken``: names already used, such as group names). The name is recorded on the add node, so
     that the rewritten models derived from ``gm`` keep it."""
-    graph = nx.DiGraph((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
-    graph.add_nodes_from(gm.graph.nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     output = next(iter(gm.graph.find_nodes(op="output")))
-    live = nx.ancestors(graph, output) | {output}
+    live = _ancestors(output) | {output}
     found = []
     for add in gm.graph.nodes:
         if not _is_add(add):
             continue
         x, y = add.args[:2]
         for skip, out in ((x, y), (y, x)):
-            nodes = _branch(gm, graph, order, live, add, skip, out)
+            nodes = _branch(gm, order, live, add, skip, out)
             writes_skip = any(in_place(gm, n) and n.args[:1] == (skip,) for n in nodes)  # removal would undo it
             if nodes and _has_parameters(gm, nodes) and not writes_skip:
                 found.append((add, skip, out, nodes))
@@ -94,11 +92,14 @@ def _is_add(node: torch.fx.Node) -> bool:
     return isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node) and x is not y and alpha == 1
 
 
-def _branch(gm: torch.fx.GraphModule, graph: nx.DiGraph, order: dict, live: set, add: torch.fx.Node, skip: torch.fx.Node,
+def _branch(gm: torch.fx.GraphModule, order: dict, live: set, add: torch.fx.Node, skip: torch.fx.Node,
             out: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes on the paths from ``skip`` to ``out``, with the constants only they use; [] unless
     all of them serve only ``add`` and removing them leaves a tensor of the add's shape. Other
-    inputs (a decoder's memory) may enter the branch."""
+    inputs (a decoder's memory) may enter the branch.
+
+    Only nodes between ``skip`` and ``out`` in graph order can lie on those paths, so the search
+    stays within that stretch of the graph (linear time over a model's layers)."""
     shape = lambda n: getattr(n.meta.get("tensor_meta"), "shape", None)  # noqa: E731
     if shape(skip) is None or shape(skip) != shape(add) or out is skip:
         return []
@@ -106,21 +107,56 @@ def _branch(gm: torch.fx.GraphModule, graph: nx.DiGraph, order: dict, live: set,
     while _is_identity(gm, skip):  # x + F(x) written as F(x) + self.shortcut(x), an nn.Identity
         skip = skip.args[0]
         chain.add(skip)
-    upstream = nx.ancestors(graph, out)
+    upstream = _ancestors(out, after=order[skip] - 1, order=order)  # out's ancestors from skip on
     if skip not in upstream:
         return []
-    inside = ((upstream & nx.descendants(graph, skip)) | {out}) - chain
+    below = {skip}  # descendants of skip among them, in graph order
+    for n in sorted(upstream, key=order.get):
+        if any(a in below for a in n.all_input_nodes):
+            below.add(n)
+    inside = (below | {out}) - chain
     for n in list(inside):  # unused results (an attention's weights) go with the branch
         for u in n.users:
             if u not in live:
-                inside |= {u} | (nx.descendants(graph, u) - live)
-    private = upstream - inside - {skip}
-    for n in sorted(private, key=order.get, reverse=True):  # users first: a chain of constants joins whole
-        if n.op != "placeholder" and all(u in inside for u in n.users):
+                inside |= {u} | (_descendants(u) - live)
+    # constants only the branch uses join it, users first, so that a chain of them joins whole
+    feeds = {n: n in upstream or n is out for n in inside}  # whether it leads to out
+    waiting = [(-order[a], a) for n in inside for a in n.all_input_nodes if a not in inside and a not in chain]
+    heapq.heapify(waiting)
+    while waiting:
+        _, n = heapq.heappop(waiting)
+        if n in inside or n.op == "placeholder" or not all(u in inside for u in n.users):
+            continue
+        if any(feeds[u] for u in n.users):  # one of out's ancestors
             inside.add(n)
+            feeds[n] = True
+            for a in n.all_input_nodes:
+                if a not in inside:
+                    heapq.heappush(waiting, (-order[a], a))
     if any(n.op == "output" or any(u not in inside and u is not add for u in n.users) for n in inside):
         return []
     return sorted(inside, key=order.get)
+
+
+def _ancestors(node: torch.fx.Node, after: int = -1, order: dict | None = None) -> set[torch.fx.Node]:
+    """The nodes ``node`` depends on (only those later than position ``after`` in ``order``)."""
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and (order is None or order[a] > after):
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
 def _is_identity(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -37,6 +38,29 @@ class Plan:
     removed_layers: list[Layer] = field(default_factory=list)
     removed_nodes: set[str] = field(default_factory=set)  # the nodes of the removed layers
     kept_for_values: list[tuple[int, int, Emptiable]] = field(default_factory=list)  # (group, unit, value)
+
+    @functools.cached_property
+    def _surviving(self) -> torch.Tensor:
+        return self.analysis.index_table().surviving(self.keep_atom)
+
+    @functools.cached_property
+    def _sizes(self) -> dict:
+        spans = self.analysis.index_table().spans()
+        if not spans:
+            return {}
+        counts = torch.cat([torch.zeros(1, dtype=torch.long), self._surviving.long().cumsum(0)])
+        where = torch.tensor(list(spans.values()), dtype=torch.long)
+        return dict(zip(spans, (counts[where.sum(1)] - counts[where[:, 0]]).tolist()))
+
+    def kept_at(self, key) -> torch.Tensor:
+        """Which indices survive, for a key of ``analysis.index_table()``: ``(node name, dim)`` of a
+        node's output, or the position of a member in ``analysis.space.members``."""
+        start, n = self.analysis.index_table().span(key)
+        return self._surviving[start:start + n]
+
+    def size_at(self, key) -> int:
+        """How many indices survive, for a key of ``analysis.index_table()`` (see :meth:`kept_at`)."""
+        return self._sizes[key]
 
     def kept(self, labels: torch.Tensor) -> torch.Tensor:
         """Whether each position of a label tensor survives."""

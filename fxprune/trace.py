@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 import contextlib
 import difflib
+import functools
 import copy
 import io
-import itertools
 import os
 import traceback
 from typing import Any
@@ -16,8 +16,10 @@ import torch.fx
 from torch import nn
 from torch.nn.modules import transformer
 from torch.nn.utils import rnn as rnn_utils
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .copying import copy_modules
 from .errors import TraceError
 from .modules import window_attention
 from .modules.attention import PrunedMultiheadAttention
@@ -181,23 +183,18 @@ def _traceable_torch():
             setattr(module, name, fn)
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool = False) -> None:
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
     """Store ``tensor_meta`` on every node of ``gm`` by running it with meta-device tensors.
 
-    No arithmetic runs and no data is allocated. Unless ``owned`` (``gm`` is fxprune's own, so its
-    tensors may be swapped for meta ones while it runs), a copy runs instead, so ``gm`` and the model
-    it shares modules with (BatchNorm statistics in training mode included) are untouched. A graph
-    that reads tensor values (a leaf module with data-dependent control flow) runs on a real copy.
+    No arithmetic runs and no data is allocated: the graph runs over a shadow of ``gm``'s module
+    tree (a shallow copy of each module holding meta tensors), so ``gm`` and the model it shares
+    modules with (BatchNorm statistics in training mode included) are untouched. A graph that reads
+    tensor values (a leaf module with data-dependent control flow) runs on a real copy.
     """
     inputs = [_on_meta(x) if isinstance(x, torch.Tensor) else x for x in as_tuple(example_inputs)]
     try:
-        if owned:
-            with _tensors_on_meta(gm):
-                _run_shape_prop(gm, inputs)
-            return
-        memo = {id(t): _on_meta(t) for t in itertools.chain(gm.parameters(), gm.buffers())}
-        shadow = copy.deepcopy(gm, memo)
-        _run_shape_prop(shadow, inputs)
+        _run_shape_prop(meta_shadow(gm), inputs)
+        return
     except Exception:
         shadow = copy.deepcopy(gm)
         try:
@@ -212,13 +209,46 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, owned: bool 
             dst.meta["tensor_meta"] = src.meta["tensor_meta"]
 
 
-class _MetaShapeProp(ShapeProp):
-    """ShapeProp on meta tensors that skips ops whose output is shaped like their input."""
+def meta_shadow(root: nn.Module) -> nn.Module:
+    """A shallow copy of ``root``'s module tree in which every tensor is a meta tensor of the same
+    shape: running it computes shapes only and changes nothing in ``root``."""
+    return copy_modules(root, _on_meta, private=False)
+
+
+class FetchOnce:
+    """Interpreter mixin that looks each attribute path up once: ``fetch_attr`` walks the module
+    tree one name at a time, for every call and every attribute node."""
+
+    def fetch_attr(self, target: str) -> Any:
+        found = self.__dict__.setdefault("_fetched", {})
+        if target not in found:
+            found[target] = super().fetch_attr(target)
+        return found[target]
+
+
+class _MetaShapeProp(FetchOnce, ShapeProp):
+    """ShapeProp on meta tensors that skips ops whose output is shaped like their input, and reads
+    a tensor's memory format from its own flags (``_extract_tensor_metadata`` derives it in Python,
+    for symbolic shapes, which meta tensors of concrete shapes do not need)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = torch.fx.Interpreter.run_node(self, n)
+        tensors = [False]
+
+        def describe(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            tensors[0] = True
+            return TensorMetadata(x.shape, x.dtype, x.requires_grad, x.stride(), _memory_format(x), False, {})
+
+        meta = map_aggregate(result, describe)
+        if tensors[0]:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
     def call_module(self, target, args, kwargs):
-        from .rules import activation
-
-        if isinstance(self.fetch_attr(target), (*activation.MODULES, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(self.fetch_attr(target), _shape_keeping_modules()):
             return args[0]
         return super().call_module(target, args, kwargs)
 
@@ -234,29 +264,24 @@ class _MetaShapeProp(ShapeProp):
         return super().call_function(target, args, kwargs)
 
 
+@functools.cache
+def _shape_keeping_modules() -> tuple[type, ...]:
+    from .rules import activation
+
+    return (*activation.MODULES, nn.modules.batchnorm._BatchNorm)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if (fmt is torch.contiguous_format or t.dim() == (4 if fmt is torch.channels_last else 5)) \
+                and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
 def _run_shape_prop(gm: torch.fx.GraphModule, inputs, on_meta: bool = True) -> None:
     with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it raises
         (_MetaShapeProp if on_meta else ShapeProp)(gm).propagate(*inputs)
-
-
-@contextlib.contextmanager
-def _tensors_on_meta(gm: torch.fx.GraphModule):
-    """Swap every parameter and buffer of ``gm`` for a meta tensor, and back afterwards."""
-    saved = []
-    for m in gm.modules():
-        for table in (m._parameters, m._buffers):
-            for k, t in table.items():
-                if t is not None:
-                    saved.append((table, k, t))
-                    table[k] = _on_meta(t)
-    try:
-        yield
-    finally:
-        for table, k, t in saved:
-            table[k] = t
-        for m in gm.modules():
-            if isinstance(m, nn.RNNBase):  # its flat weight list still holds the meta tensors
-                m._init_flat_weights()
 
 
 def _on_meta(t: torch.Tensor) -> torch.Tensor:

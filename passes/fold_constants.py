@@ -118,24 +118,29 @@ def plan_folds(gm: torch.fx.GraphModule, plan: Plan, lost_inputs: list, values: 
         const = torch.where(constant[:, None], first, torch.zeros(()))
         roots = analysis.roots[m.atoms[lost]]
         foldable = _foldable(module)  # only where input_groups == 1
-        for i in (~constant | ((const != 0).any(1) & (not foldable))).nonzero().flatten().tolist():
-            keep.add(int(roots[i]))
-            why = "input-dependent value" if not constant[i] else \
-                f"constant {float(const[i][const[i] != 0][0]):.4g} that {_kind(module)} cannot fold into a bias"
-            report.append(_adjust(analysis, int(roots[i]), _consumer(node), "kept", why))
+        kept = (~constant | ((const != 0).any(1) & (not foldable))).nonzero().flatten()
+        for i, root in zip(kept.tolist(), roots[kept].tolist()):
+            keep.add(root)
+            why = f"constant {float(const[i][const[i] != 0][0]):.4g} that {_kind(module)} cannot fold into a bias" \
+                if constant[i] else "input-dependent value"
+            report += _adjustments(analysis, [root], _consumer(node), "kept", [why])
         seen.append((m, node, module, lost, const[:, 0], roots))
+    kept_roots = torch.tensor(sorted(keep), dtype=torch.long)
     for m, node, module, lost, const, roots in seen:
-        fold = (const != 0) & torch.tensor([int(r) not in keep for r in roots], dtype=torch.bool)
+        fold = (const != 0) & ~torch.isin(roots, kept_roots)
         if bool(fold.any()):
             folds.append(Fold(node.target, _delta(module, m.dim, lost, torch.where(fold, const, 0.0))))
-            for i in fold.nonzero().flatten().tolist():
-                report.append(_adjust(analysis, int(roots[i]), node.target, "folded", f"constant {float(const[i]):.4g} into bias"))
+            at = fold.nonzero().flatten()
+            report += _adjustments(analysis, roots[at].tolist(), node.target, "folded",
+                                   [f"constant {value:.4g} into bias" for value in const[at].tolist()])
     return keep, folds, list(dict.fromkeys(report))
 
 
-def _adjust(analysis, root: int, consumer: str, action: str, detail: str) -> Adjustment:
-    gi, ui = analysis.unit_of[root]
-    return Adjustment(analysis.groups[gi].name, ui, consumer, action, detail)
+def _adjustments(analysis, roots: list[int], consumer: str, action: str, details: list[str]) -> list[Adjustment]:
+    """One Adjustment per unit root, at ``consumer``."""
+    index = torch.tensor(roots, dtype=torch.long)
+    return [Adjustment(analysis.groups[gi].name, ui, consumer, action, detail) for gi, ui, detail in
+            zip(analysis.group_of[index].tolist(), analysis.unit_in[index].tolist(), details)]
 
 
 def _consumer(node: torch.fx.Node) -> str:

@@ -23,15 +23,19 @@ REWRITES: dict[object, Rewrite] = {}
 class Shapes:
     """Old and new sizes of every node: for each dim of a node's output, the old index of each new
     index, or -1 for a new one. Compaction keeps a subset of the indices (:meth:`of_plan`); growth
-    adds new ones."""
+    adds new ones. ``index_along(name, dim)`` gives that index for the node called ``name``, and
+    ``size_along(name, dim)`` its length, where that is cheaper to know."""
 
-    def __init__(self, labels: dict, index_along: Callable[[torch.Tensor, int], torch.Tensor]):
+    def __init__(self, labels: dict, index_along: Callable[[str, int], torch.Tensor],
+                 size_along: Callable[[str, int], int] | None = None):
         self._labels, self._index_along = labels, index_along
+        self._size_along = size_along or (lambda name, dim: len(index_along(name, dim)))
 
     @classmethod
     def of_plan(cls, plan: Plan) -> Shapes:
         """The sizes after compaction under ``plan``."""
-        return cls(plan.analysis.labels, lambda labels, dim: plan.kept_along(labels, dim).nonzero().flatten())
+        return cls(plan.analysis.labels, lambda name, dim: plan.kept_at((name, dim)).nonzero().flatten(),
+                   lambda name, dim: plan.size_at((name, dim)))
 
     def labels(self, node: torch.fx.Node):
         """The analysis' labels of ``node``'s output (None for a node added since)."""
@@ -39,7 +43,7 @@ class Shapes:
 
     def index(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
         """The old index of each new index along ``dim`` of ``node``'s output (-1: new)."""
-        return self._index_along(self._labels[node.name], dim)
+        return self._index_along(node.name, dim % self._labels[node.name].dim())
 
     def anchors(self, node: torch.fx.Node, dim: int) -> torch.Tensor:
         """For each new index, the old index it is or follows: a bound b (old) becomes the number
@@ -48,16 +52,18 @@ class Shapes:
         return torch.cummax(index, 0).values if len(index) else index
 
     def new_shape(self, node: torch.fx.Node) -> list[int]:
-        return [len(self.index(node, d)) for d in range(self._labels[node.name].dim())]
+        return [self._size_along(node.name, d) for d in range(self._labels[node.name].dim())]
+
+    def resized(self, node: torch.fx.Node, dim: int) -> bool:
+        """Whether ``node``'s output changes size along ``dim`` (a rewrite keeps the order of the
+        indices it keeps, so an unchanged size is an unchanged index)."""
+        return self._size_along(node.name, dim % self._labels[node.name].dim()) != self._labels[node.name].shape[dim]
 
     def changes(self, node: torch.fx.Node) -> bool:
         """Whether ``node``'s output, or one of its inputs, changes size."""
-        return any(isinstance(self._labels.get(n.name), torch.Tensor) and self._changed(n)
+        return any(isinstance(labels := self._labels.get(n.name), torch.Tensor) and
+                   any(self.resized(n, d) for d in range(labels.dim()))
                    for n in [node, *node.all_input_nodes])
-
-    def _changed(self, node: torch.fx.Node) -> bool:
-        labels = self._labels[node.name]
-        return any(not torch.equal(self.index(node, d), torch.arange(labels.shape[d])) for d in range(labels.dim()))
 
 
 def rewrite(*targets: object):
@@ -134,7 +140,7 @@ def _getitem(node: torch.fx.Node, shapes: Shapes) -> None:
             dim += ndim - consumed
         elif e is not None:
             size = x.meta["tensor_meta"].shape[dim]
-            if not torch.equal(shapes.index(x, dim), torch.arange(size)):  # where nothing changes the index stays as written
+            if shapes.resized(x, dim):  # where nothing changes the index stays as written
                 e = _over_anchors(e, shapes.anchors(x, dim), size)
             dim += 1
         out.append(e)

@@ -1,23 +1,22 @@
 """Keep only the surviving channels of every parameter and buffer: W' = W[kept_0][:, kept_1]..."""
 from __future__ import annotations
 
-import copy
 import itertools
 
 import torch
 import torch.fx
 from torch import nn
 
+from fxprune.copying import copy_graph_module
 from fxprune.masks import Plan
 
 
 def kept_indices(plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
     """For each tensor name, the indices kept along each of its channel dimensions."""
     out: dict[str, dict[int, torch.Tensor]] = {}
-    for m in plan.analysis.space.members:
-        keep = plan.kept(m.atoms)
-        if not bool(keep.all()):
-            out.setdefault(m.owner, {})[m.dim] = keep.nonzero().flatten()
+    for i, m in enumerate(plan.analysis.space.members):
+        if plan.size_at(i) < len(m.atoms):
+            out.setdefault(m.owner, {})[m.dim] = plan.kept_at(i).nonzero().flatten()
     return out
 
 
@@ -40,12 +39,13 @@ def replace_tensors(gm: torch.fx.GraphModule, new_value) -> torch.fx.GraphModule
 
     Every tensor of the copy is new storage, written once; a tensor with several names stays one.
     """
-    memo: dict[int, torch.Tensor] = {}
-    named = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        if id(t) in memo:
-            continue
-        new = new_value(name, t.detach())
+    names = {}
+    for name, t in itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+
+    def replaced(t: torch.Tensor) -> torch.Tensor:
+        new = new_value(names[id(t)], t.detach()) if id(t) in names else None
         new = t.detach().clone() if new is None else new
-        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-    return copy.deepcopy(gm, memo)
+        return nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+    return copy_graph_module(gm, replaced)

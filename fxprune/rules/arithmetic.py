@@ -20,9 +20,10 @@ MUL = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_")
 DIV = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide")
 
 
-def broadcast_only(a: torch.Tensor, b: torch.Tensor, a_shape: torch.Size) -> bool:
-    """Whether ``a`` (of original shape ``a_shape``) is broadcast where ``b`` carries channels."""
-    cb = compress(b)
+def broadcast_only(a: torch.Tensor, b: torch.Tensor, a_shape: torch.Size, cb: torch.Tensor | None = None) -> bool:
+    """Whether ``a`` (of original shape ``a_shape``) is broadcast where ``b`` carries channels
+    (``cb``: ``compress(b)``, where the caller has it)."""
+    cb = compress(b) if cb is None else cb
     offset = b.dim() - len(a_shape)
     return any(a_shape[d - offset] == 1 and cb.shape[d] > 1 for d in range(offset, b.dim())) or (
         offset > 0 and any(cb.shape[d] > 1 for d in range(offset))
@@ -49,7 +50,8 @@ def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[
     wa, wb = a.expand(shape), b.expand(shape)
     if ctx.node.target in DIV:
         ctx.space.block(b, f"divides by channel values at {ctx.where}")
-    a_alone, b_alone = broadcast_only(a, wb, a.shape), broadcast_only(b, wa, b.shape)
+    ca, cb = compress(wa), compress(wb)
+    a_alone, b_alone = broadcast_only(a, wb, a.shape, cb), broadcast_only(b, wa, b.shape, ca)
     if (a_alone or b_alone) and _share_channels(wa, wb):
         a_alone = b_alone = False  # a per-head scale over (heads, head dim) entries: coupled along the heads
     if a_alone and b_alone:
@@ -63,4 +65,4 @@ def arithmetic(ctx: RuleContext, a, b, *args, **kwargs) -> torch.Tensor:  # out[
     if b_alone:
         return wa
     ctx.space.union(wa, wb)
-    return torch.where(compress(wa) != NONE, compress(wa), compress(wb)).expand(shape)
+    return torch.where(ca != NONE, ca, cb).expand(shape)

@@ -39,14 +39,11 @@ def conv(ctx: RuleContext, x: torch.Tensor, *args) -> torch.Tensor:  # out[o] <-
         ctx.member(weight, in_dim, x_in, "in", input_dim=1)
         ctx.member(weight, out_dim, atoms, "out")
     elif whole_groups(m):  # unit k: input and output channels of group k
-        for g in range(m.groups):
-            _union_slice(ctx, torch.cat([x_in[g * per_in:(g + 1) * per_in], atoms[g * per_out:(g + 1) * per_out]]))
+        _union_rows(ctx, torch.cat([x_in.reshape(m.groups, per_in), atoms.reshape(m.groups, per_out)], 1))
         ctx.member(weight, 0, x_in if m.transposed else atoms, "channel")
     else:  # input unit i: channel i of every group; output unit o likewise
-        for i in range(per_in):
-            _union_slice(ctx, x_in[i::per_in])
-        for o in range(per_out):
-            space.union_all(atoms[o::per_out])
+        _union_rows(ctx, x_in.reshape(m.groups, per_in).t())
+        space.union_rows(atoms.reshape(m.groups, per_out).t())
         if m.transposed:  # weight (in, out / groups)
             ctx.member(weight, 0, x_in, "in", input_dim=1)
             ctx.member(weight, 1, atoms[:per_out], "out")
@@ -57,9 +54,10 @@ def conv(ctx: RuleContext, x: torch.Tensor, *args) -> torch.Tensor:  # out[o] <-
     return out
 
 
-def _union_slice(ctx: RuleContext, atoms: torch.Tensor) -> None:
-    """Merge channels that go together; where some of them are no channel (constant padding), the
-    others cannot go without them."""
-    if bool((atoms < 0).any()):
-        ctx.space.block(atoms, f"{ctx.where} reads, in one group position, channels and entries that are none")
-    ctx.space.union_all(atoms)
+def _union_rows(ctx: RuleContext, rows: torch.Tensor) -> None:
+    """Merge the channels of each row, which go together; where some of a row are no channel
+    (constant padding), the others cannot go without them."""
+    partial = (rows < 0).any(1)
+    if bool(partial.any()):
+        ctx.space.block(rows[partial], f"{ctx.where} reads, in one group position, channels and entries that are none")
+    ctx.space.union_rows(rows)

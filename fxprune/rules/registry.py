@@ -19,6 +19,7 @@ from ..labels import LabelSpace, Member, Producer, along, expand_compressed
 
 Rule = Callable[..., Any]
 RULES: dict[Any, Rule] = {}
+_BY_CLASS: dict[type, Rule | None] = {}  # module class -> its rule, found through the MRO once
 
 
 def rule(*targets: Any) -> Callable[[Rule], Rule]:
@@ -27,21 +28,23 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
     def register(fn: Rule) -> Rule:
         for target in targets:
             RULES[target] = fn
+        _BY_CLASS.clear()
         return fn
 
     return register
 
 
-def find_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
+def find_rule(node: torch.fx.Node, gm: torch.fx.GraphModule, module: nn.Module | None = None) -> Rule | None:
     """The rule for ``node``: by module class (most derived first), function, or method name.
 
     Functions of optional libraries are registered by qualified name ("package.module.function").
+    ``module`` is the module a call_module node calls, where the caller has it at hand.
     """
     if node.op == "call_module":
-        for cls in type(gm.get_submodule(node.target)).__mro__:
-            if cls in RULES:
-                return RULES[cls]
-        return None
+        cls = type(module if module is not None else gm.get_submodule(node.target))
+        if cls not in _BY_CLASS:
+            _BY_CLASS[cls] = next((RULES[c] for c in cls.__mro__ if c in RULES), None)
+        return _BY_CLASS[cls]
     found = RULES.get(node.target)
     if found is None and callable(node.target):
         found = RULES.get(f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}")
@@ -66,6 +69,7 @@ class RuleContext:
     gm: torch.fx.GraphModule
     tainted: bool = False
     tainted_inputs: set[str] = field(default_factory=set)  # nodes whose masked channels may be non-zero
+    called: nn.Module | None = None  # the module a call_module node calls, if already looked up
 
     def taint(self) -> None:
         """This op may turn a zeroed channel into a non-zero value (a shift, sigmoid(0) = 0.5)."""
@@ -82,7 +86,9 @@ class RuleContext:
 
     @property
     def module(self) -> nn.Module:
-        return self.gm.get_submodule(self.node.target)
+        if self.called is None:
+            self.called = self.gm.get_submodule(self.node.target)
+        return self.called
 
     @property
     def where(self) -> str:
