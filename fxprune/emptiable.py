@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .labels import Producer, compress
+from .labels import Producer, compress, view_key
 
 
 @dataclass
@@ -34,7 +34,11 @@ def find_emptiable(values: list[tuple[str, str, torch.Tensor]], producers: list[
     first (so that a unit kept for one value serves the larger values that hold it)."""
     size, open_ = torch.tensor(sizes, dtype=torch.long), torch.tensor(removable, dtype=torch.bool)
     found: dict[tuple[int, ...], Emptiable] = {}
+    seen = set()  # values that share their labels (a conv's output and its BatchNorm's) decide alike
     for node, name, labels in [(p.node, p.name, p.atoms) for p in producers] + values:
+        if view_key(labels) in seen:
+            continue
+        seen.add(view_key(labels))
         small = compress(labels)
         if not _shrinks_to_nothing(labels, small):
             continue
