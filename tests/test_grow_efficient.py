@@ -14,6 +14,7 @@ from fxprune.methods import GrowEfficient
 from fxprune.methods.sampled_gate import SampledGate
 
 from test_budget import Residual
+from test_derived_analysis import assert_same_analysis
 
 X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(4)
@@ -192,6 +193,16 @@ def test_resize_grows_a_group_whose_reserve_turned_on():
     assert len(grown) == size + math.ceil(0.25 * size)
     assert torch.all(grown[size:] < 0)  # new units start off, after the old ones
     assert fxprune.cost(ge.base, X).params > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_resize_carries_the_analysis_a_fresh_one_would_give(seed):
+    ge = make(seed=0.5, reserve=0.25)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(3):  # shrink, grow and keep groups over several resizes
+        randomize(ge, generator)
+        ge.resize()
+        assert_same_analysis(ge.analysis, fxprune.analyze(ge.base, X))
 
 
 def test_off_layer_is_dropped_once_unlikely():

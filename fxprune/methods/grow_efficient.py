@@ -270,16 +270,15 @@ class GrowEfficient:
         old_model, old_analysis, gates = self.model, self.analysis, self.gates()
         logits_of = {key: g.weight.detach().cpu() for key, g in gates.items()}  # decisions on the CPU
         keep, wanted = self._physical_masks(logits_of)
-        base, mapping = compact_model(self.base, keep, self.example_inputs, analysis=old_analysis,
-                                      return_mapping=True)
-        analysis = analyze(base, self.example_inputs)
+        base, mapping, analysis = compact_model(self.base, keep, self.example_inputs, analysis=old_analysis,
+                                                return_mapping=True, return_analysis=True)
         sources = _unit_sources(old_analysis, analysis, mapping)
         widen = {name: wanted[name] - int((logits_of[name][src] <= 0).sum()) for name, src in sources.items()}
         widen = {name: n for name, n in widen.items() if n > 0 and len(sources[name]) >= 2}
         if widen:
-            base, grown = grow(base, self.example_inputs, widen=widen, init="random", analysis=analysis)
+            base, grown, analysis = grow(base, self.example_inputs, widen=widen, init="random", analysis=analysis,
+                                         return_analysis=True)
             mapping = _compose(mapping, grown)
-            analysis = analyze(base, self.example_inputs)
             sources = _unit_sources(old_analysis, analysis, mapping)
         candidate = -self.s0 / self.beta
         logits = {layer.name: logits_of[layer.name].clone() for layer in analysis.layers}
