@@ -33,6 +33,7 @@ from fxprune.modules.masked import MaskedModule
 from fxprune.modules.recurrent import RecurrentStack
 from fxprune.zoo import torchvision_models
 from strategies import model_specs, sequence_specs
+from test_layer_properties import grow_or_refuse
 from test_properties import draw_case, quiet_compact
 from test_sequence_properties import draw_masks
 
@@ -277,7 +278,7 @@ def test_random_rewritten_models_round_trip_in_a_fresh_process(tmp_path):
             groups = [g.name for g in analysis.groups if g.prunable and g.size > 1]
             if not groups:
                 reject()
-            gm = fxprune.grow(model, x, widen={data.draw(st.sampled_from(groups)): 2}, analysis=analysis)[0]
+            gm = grow_or_refuse(model, x, analysis, {data.draw(st.sampled_from(groups)): 2}, {}, "random")[0]
         else:
             removed = {layer.name: False for layer in analysis.layers if data.draw(st.booleans())}
             gm = rewritten(model, x, analysis, {**masks, **removed}, how == "masked")
