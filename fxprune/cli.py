@@ -420,34 +420,22 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     _input_options(p)
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"a tolerance must be a non-negative number, got {text}")
-    return value
+def _checked(convert: Callable[[str], Any], valid: Callable[[Any], bool], message: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then refuse it with ``message`` unless ``valid``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(message.format(text)) from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(message.format(text))
+        return value
+    return parse
 
 
-def _round_to(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--round-to must be a positive integer (1: no rounding), got {text}")
-    return value
-
-
-def _keep(text: str) -> float:
-    try:
-        keep = float(text)
-    except ValueError:
-        keep = -1.0
-    if not 0 < keep <= 1:
-        raise argparse.ArgumentTypeError(f"--keep must be a fraction in (0, 1], got {text}")
-    return keep
+_tolerance = _checked(float, lambda v: 0 <= v < float("inf"), "a tolerance must be a non-negative number, got {}")
+_round_to = _checked(int, lambda v: v >= 1, "--round-to must be a positive integer (1: no rounding), got {}")
+_keep = _checked(float, lambda v: 0 < v <= 1, "--keep must be a fraction in (0, 1], got {}")
 
 
 ANALYZE_EXAMPLES = """\
