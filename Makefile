@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCHVISION ?= torchvision==0.28.0
 TIMM ?= timm==1.0.31
-PYTEST_FLAGS ?= -q -ra --strict-markers --durations=10
+PYTEST_FLAGS ?= -q -ra --strict-markers --durations=10 -n auto
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fxprune-installed
